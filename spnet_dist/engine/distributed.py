@@ -1,0 +1,41 @@
+"""Process-group helpers: rank/world discovery and differentiable global reductions."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def global_mean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Mean of ``x`` over ``dim`` taken across the *global* batch of all ranks, differentiably.
+
+    Sums and counts are all-reduced, so 2 ranks x batch B give the same value as 1 rank x batch 2B.
+    The backward pass all-reduces the incoming gradient as well; together with the engine's gradient
+    averaging this yields exactly the gradient of the global-batch statistic.
+    """
+    total = x.sum(dim=dim)
+    count = torch.tensor(float(x.shape[dim]), dtype=x.dtype, device=x.device)
+    if is_dist() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        total = all_reduce(total)
+        count = count.clone()
+        dist.all_reduce(count)
+    return total / count

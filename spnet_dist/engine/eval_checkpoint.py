@@ -1,0 +1,58 @@
+"""`spnet eval checkpoint=<path> [key=value ...]`: evaluate a saved DeepSpeed checkpoint on one process."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from .checkpoint import CLIENT_KEY, complete_tags
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def find_model_file(path: str | Path) -> Path:
+    """Accept a tag folder, a checkpoint dir (newest complete tag) or the model-states file itself."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / MODEL_FILE).is_file():
+        return p / MODEL_FILE
+    tags = complete_tags(p)
+    if tags and (p / tags[-1] / MODEL_FILE).is_file():
+        return p / tags[-1] / MODEL_FILE
+    raise FileNotFoundError(f"checkpoint={str(p)!r}: no {MODEL_FILE} there; pass a checkpoint tag folder "
+                            f"(e.g. outputs/checkpoints/global_step90) or a checkpoint.dir with complete tags")
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    f = find_model_file(path)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is an unreadable checkpoint
+        raise ValueError(f"checkpoint file {f} is unreadable ({type(err).__name__}: {err}); it may be truncated "
+                         f"or from another program — pick another tag in its checkpoint.dir") from None
+
+
+def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
+    from ..data.loaders import build_loader
+    from ..methods import prepare_method_cfg
+    from ..models import build_model, cost_table
+    from .evaluate import evaluate
+
+    rest = [o for o in overrides if not o.startswith("checkpoint=")]
+    paths = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
+    if not paths:
+        raise ValueError("spnet eval needs checkpoint=<path to a checkpoint tag folder>")
+    state = load_checkpoint_file(paths[0])
+    cfg = OmegaConf.create(state[CLIENT_KEY]["config"])
+    OmegaConf.set_struct(cfg, True)
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+    model = build_model(cfg.model, prepare_method_cfg(cfg.method, cfg.model))
+    model.load_state_dict(state["module"])
+    loader = build_loader(cfg, train=False, shard_id=0, num_shards=1)
+    metrics = evaluate(model, loader, cost_table(model, cfg.data.image_size), cfg.eval.execution)
+    return {**metrics, "checkpoint": str(find_model_file(paths[0]).parent), "steps": state[CLIENT_KEY]["step"],
+            "mlflow_run_id": state[CLIENT_KEY]["run_id"], "method": str(cfg.method.name),
+            "model": str(cfg.model.name), "execution": str(cfg.eval.execution)}

@@ -1,0 +1,29 @@
+"""Training objectives of dynamic-inference methods (ConvNet-AIG, SP-Net) and their shared losses.
+
+Trainer usage::
+
+    from spnet_dist.methods import build_method, prepare_method_cfg
+    method_cfg = prepare_method_cfg(method_cfg, model_cfg)   # resolves model keys derived from the method (gate_mask)
+    model = build_model(model_cfg, method_cfg)               # + pretrained loading, .to(device)
+    method = build_method(method_cfg, model)                 # SP-Net deep-copies the student (teacher) here
+    ...
+    out = model(images)
+    loss, logs = method.loss(model, images, labels, out)
+"""
+from . import aig, spnet  # noqa: F401  (registration)
+from .aig import ConvNetAIG, gate_mask_for
+from .base import METHODS, GatedMethod, Method, build_method, prepare_method_cfg, register_method, unwrap_model
+from .spnet import SPNet
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "GatedMethod",
+    "ConvNetAIG",
+    "SPNet",
+    "build_method",
+    "prepare_method_cfg",
+    "register_method",
+    "gate_mask_for",
+    "unwrap_model",
+]

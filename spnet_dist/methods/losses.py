@@ -1,0 +1,169 @@
+"""Loss terms shared by every dynamic-inference method (ConvNet-AIG, SP-Net, and later RDI-Net / BoostNet).
+
+This module is the single home of these losses; methods import from here and never keep a private copy.
+
+Conventions (spec ``methods.md`` §2.c, §5.c):
+
+* ``rates`` are per-block *global-batch* execution rates, shape ``(L,)``, obtained by the caller as
+  ``spnet_dist.engine.distributed.global_mean(out.gates)`` so that they carry straight-through gradients and
+  match the official DataParallel (global-batch) statistic under DDP.
+* All MSEs are means over elements on raw logits (no softmax, no temperature), as in the official SP-Net code.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "as_bool_mask",
+    "as_targets",
+    "rate_loss",
+    "multi_head_ce",
+    "logits_distill",
+    "path_distill",
+    "evolution_loss",
+    "head_weights_for",
+]
+
+
+def as_bool_mask(mask: Sequence[bool] | Tensor | None, num_blocks: int, device: torch.device) -> Tensor:
+    """``(L,)`` bool tensor; ``None`` means every block is gated."""
+    if mask is None:
+        return torch.ones(num_blocks, dtype=torch.bool, device=device)
+    m = torch.as_tensor(list(mask) if not isinstance(mask, Tensor) else mask, device=device).to(torch.bool)
+    if m.shape != (num_blocks,):
+        raise ValueError(f"gated mask has shape {tuple(m.shape)}, expected ({num_blocks},)")
+    return m
+
+
+def as_targets(target: float | Sequence[float] | Tensor, num_blocks: int, like: Tensor) -> Tensor:
+    """Broadcast a scalar target or validate a per-layer target list to an ``(L,)`` tensor like ``like``."""
+    if isinstance(target, Tensor):
+        t = target.to(device=like.device, dtype=like.dtype)
+    elif isinstance(target, (int, float)):
+        t = torch.tensor(float(target), device=like.device, dtype=like.dtype)
+    else:
+        t = torch.tensor([float(v) for v in target], device=like.device, dtype=like.dtype)
+    if t.dim() == 0:
+        t = t.expand(num_blocks)
+    if t.shape != (num_blocks,):
+        raise ValueError(f"target has {t.numel()} entries, expected 1 or {num_blocks} (one per block)")
+    return t
+
+
+def rate_loss(
+    rates: Tensor,
+    target: float | Sequence[float] | Tensor,
+    gated_mask: Sequence[bool] | Tensor | None,
+    one_sided: bool,
+) -> Tensor:
+    """Target-execution-rate loss, *without* the λ weight.
+
+    * two-sided (ConvNet-AIG, SP-Net CIFAR): ``(1/L) · Σ_{l gated} (t_l − r_l)²``
+    * one-sided (SP-Net ImageNet):           ``(1/L) · Σ_{l gated} max(0, r_l − t_l)²``
+
+    ``L = rates.numel()`` is the total number of blocks: ungated blocks are excluded from the sum but still counted in
+    the divisor (ConvNet-AIG convention for blocks with t = 1). ``target`` is a scalar or a per-block list.
+    """
+    if rates.dim() != 1:
+        raise ValueError(f"rates must be a (L,) vector of per-block rates, got shape {tuple(rates.shape)}")
+    num_blocks = rates.numel()
+    t = as_targets(target, num_blocks, rates)
+    mask = as_bool_mask(gated_mask, num_blocks, rates.device)
+    diff = rates - t
+    if one_sided:
+        diff = diff.clamp(min=0.0)
+    sq = diff.pow(2) * mask.to(rates.dtype)
+    return sq.sum() / num_blocks
+
+
+def head_weights_for(num_heads: int, weights: Sequence[float] | None) -> list[float]:
+    """Weights ordered like ``head_logits`` ([o1, .., o_final]).
+
+    ``None`` → 1.0 for every head. A model without multi-stage heads returns one head (the final one), which takes
+    the *last* configured weight. Any other length mismatch is an error (a silent truncation would hide a config bug).
+    """
+    if weights is None:
+        return [1.0] * num_heads
+    w = [float(v) for v in weights]
+    if len(w) == num_heads:
+        return w
+    if num_heads == 1:
+        return [w[-1]]
+    raise ValueError(f"{len(w)} head weights for {num_heads} heads")
+
+
+def multi_head_ce(
+    head_logits: Sequence[Tensor], labels: Tensor, weights: Sequence[float] | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """Weighted deep-supervision CE ``Σ_k w_k · CE(o_k, y)``; returns ``(total, [per-head CE])``.
+
+    SP-Net ImageNet: weights (o1, o2, o3, o4) = (0.01, 0.1, 0.2, 1.0).
+    """
+    w = head_weights_for(len(head_logits), weights)
+    per_head = [F.cross_entropy(o, labels) for o in head_logits]
+    total = sum(wk * ce for wk, ce in zip(w, per_head))
+    return total, per_head
+
+
+def logits_distill(
+    head_logits: Sequence[Tensor], teacher_logits: Tensor, weights: Sequence[float] | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """SP-Net L_logits (unscaled): ``Σ_k w_k · MSE(o_k^s, o_final^t)``: *every* student head mimics the teacher's
+    *final* logits; MSE is the mean over B×K elements of raw logits. Returns ``(total, [per-head MSE])``."""
+    w = head_weights_for(len(head_logits), weights)
+    target = teacher_logits.detach()
+    per_head = [F.mse_loss(o, target.to(o.dtype)) for o in head_logits]
+    total = sum(wk * m for wk, m in zip(w, per_head))
+    return total, per_head
+
+
+def path_distill(
+    gate_logits: Tensor, teacher_gate_logits: Tensor, gated_mask: Sequence[bool] | Tensor | None
+) -> Tensor:
+    """SP-Net L_path (unscaled): MSE between student and teacher *raw* router logits (B×L×2), over gated blocks only.
+
+    Equal to the official mean over the batch-axis concatenation of the per-block (B×2) logits when all blocks are
+    gated. Returns 0 (with a graph) when no block is gated.
+    """
+    if gate_logits.shape != teacher_gate_logits.shape:
+        raise ValueError(f"gate logits {tuple(gate_logits.shape)} vs teacher {tuple(teacher_gate_logits.shape)}")
+    mask = as_bool_mask(gated_mask, gate_logits.shape[1], gate_logits.device)
+    if not bool(mask.any()):
+        return gate_logits.sum() * 0.0
+    s = gate_logits[:, mask]
+    t = teacher_gate_logits.detach()[:, mask].to(s.dtype)
+    return F.mse_loss(s, t)
+
+
+def _one_minus_cos(a: Tensor, b: Tensor) -> Tensor:
+    return (1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8)).mean()
+
+
+def evolution_loss(features: Sequence[Tensor], form: str = "consecutive") -> Tensor:
+    """SP-Net feature-evolution loss L_evo (unscaled) on aligned stage features ``[f1, .., fn]`` (each B×C).
+
+    * ``"consecutive"`` (default; paper wording, spec §5.h.1): Δ_k = f_{k+1} − f_k,
+      ``Σ_{k=1}^{n-2} mean_i (1 − cos(Δ_k,i, Δ_{k+1},i))``.
+    * ``"official"`` (ImageNet code): d_k = f_n − f_k for k < n, summed over all pairs a < b of
+      ``mean_i (1 − cos(d_a,i, d_b,i))`` — for n = 4 the pairs (1,2), (1,3), (2,3).
+
+    Cosine similarity uses ``eps = 1e-8`` (``F.cosine_similarity``); a zero difference vector has cos 0.
+    """
+    feats = [f.flatten(1) for f in features]
+    if len(feats) < 3:
+        raise ValueError(f"evolution_loss needs at least 3 stage features, got {len(feats)}")
+    if form == "consecutive":
+        deltas = [feats[k + 1] - feats[k] for k in range(len(feats) - 1)]
+        terms = [_one_minus_cos(deltas[k], deltas[k + 1]) for k in range(len(deltas) - 1)]
+    elif form == "official":
+        last = feats[-1]
+        diffs = [last - f for f in feats[:-1]]
+        terms = [_one_minus_cos(diffs[a], diffs[b]) for a, b in itertools.combinations(range(len(diffs)), 2)]
+    else:
+        raise ValueError(f"unknown evo_form {form!r} (expected 'consecutive' or 'official')")
+    return torch.stack(terms).sum()

@@ -1,0 +1,155 @@
+"""Compute accounting — the one place where MACs are counted (spec 1.3, recommended accounting).
+
+cost(x) = fixed + Σ_b z_b(x)·blocks[b] (+ heads), with
+  fixed  = stem + projection shortcuts + routers + final pool/fc (always executed),
+  blocks = residual-branch MACs per block (ungated blocks too; their gate is always 1),
+  heads  = SP-Net auxiliary alignment layers + stage classifiers (training-time only, counted separately).
+Per-layer MACs come from forward hooks on Conv2d/Linear during one dense forward with all gates open:
+Conv2d k_h·k_w·C_in/groups·C_out·H_out·W_out, Linear C_in·C_out (biases, BN, ReLU, pooling not counted).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .backbone import Bottleneck
+
+
+@dataclass
+class CostTable:
+    fixed: float                 # MACs per image that always run (incl. routers)
+    blocks: list[float]          # residual-branch MACs per block, length L
+    heads: float                 # auxiliary alignment + stage classifiers
+    convention: str
+    backbone_full: float = 0.0   # plain ResNet figure: stem + projections + all branches + fc (no routers/heads)
+    routers: float = 0.0         # all routers together (part of ``fixed``)
+    breakdown: dict[str, float] = field(default_factory=dict)  # stem / projections / routers / classifier
+    block_names: list[str] = field(default_factory=list)
+    gated: list[bool] = field(default_factory=list)
+    image_size: tuple[int, int] = (0, 0)
+    variant: str = ""
+
+    def full(self, include_heads: bool = False) -> float:
+        """MACs per image with every block executed."""
+        return self.fixed + sum(self.blocks) + (self.heads if include_heads else 0.0)
+
+    def expected(self, rate: float, include_heads: bool = False) -> float:
+        """MACs per image when every gated block executes with probability ``rate`` (ungated always)."""
+        blocks = sum(b * (rate if g else 1.0) for b, g in zip(self.blocks, self.gated))
+        return self.fixed + blocks + (self.heads if include_heads else 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def full_macs(table: CostTable, include_heads: bool = False) -> float:
+    return table.full(include_heads)
+
+
+def macs_per_image(table: CostTable, gates: torch.Tensor, include_heads: bool = False) -> torch.Tensor:
+    """Per-image MACs (float64, shape B) from hard gate decisions ``gates`` (B×L); differentiable in gates."""
+    if gates.shape[-1] != len(table.blocks):
+        raise ValueError(f"gates have {gates.shape[-1]} blocks, cost table has {len(table.blocks)}")
+    blocks = torch.tensor(table.blocks, dtype=torch.float64, device=gates.device)
+    extra = table.fixed + (table.heads if include_heads else 0.0)
+    return gates.to(torch.float64) @ blocks + extra
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while not hasattr(model, "block_names") and hasattr(model, "module"):  # DDP / DeepSpeed wrappers
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def _as_variant(model: nn.Module, variant: str | None) -> Iterator[str]:
+    """Temporarily move bottleneck strides to the ``variant`` layout (v1: first 1×1, v1.5: the 3×3)."""
+    own = getattr(model, "variant", "v1.5")
+    saved = []
+    if variant is not None and variant != own:
+        for blk in model.blocks():
+            if isinstance(blk, Bottleneck):
+                saved.append((blk, blk.conv1.stride, blk.conv2.stride))
+                s = max(blk.conv1.stride[0], blk.conv2.stride[0])
+                blk.conv1.stride, blk.conv2.stride = ((s, s), (1, 1)) if variant == "v1" else ((1, 1), (s, s))
+    try:
+        yield variant or own
+    finally:
+        for blk, s1, s2 in saved:
+            blk.conv1.stride, blk.conv2.stride = s1, s2
+
+
+def _category(name: str, block_names: list[str]) -> tuple[str, int]:
+    for i, b in enumerate(block_names):
+        if name.startswith(b + "."):
+            rest = name[len(b) + 1:]
+            if rest.startswith("router."):
+                return "routers", i
+            if rest.startswith("downsample."):
+                return "projections", i
+            return "block", i
+    if name.startswith("aux."):
+        return "heads", -1
+    if name == "fc":
+        return "classifier", -1
+    return "stem", -1
+
+
+def _layer_macs(mod: nn.Module, out: torch.Tensor) -> float:
+    b = out.shape[0]
+    if isinstance(mod, nn.Conv2d):
+        kh, kw = mod.kernel_size
+        return kh * kw * (mod.in_channels // mod.groups) * out[0].numel()
+    return mod.in_features * out.numel() / b  # Linear: C_in·C_out per row
+
+
+def cost_table(model: nn.Module, image_size: int | tuple[int, int] | None = None,
+               variant: str | None = None) -> CostTable:
+    """Per-image MAC table of a DynamicResNet at ``image_size`` (default: the model's ``image_size``).
+
+    ``variant`` ("v1" | "v1.5") counts a bottleneck model in the other stride layout without changing it
+    (the papers' ResNet-50 baseline 7.72 GFLOPs = 2 × v1 MACs; the trained torchvision layout is v1.5).
+    """
+    m = _unwrap(model)
+    size = image_size if image_size is not None else m.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    names = list(m.block_names)
+    acc = {"stem": 0.0, "projections": 0.0, "routers": 0.0, "classifier": 0.0, "heads": 0.0}
+    blocks = [0.0] * len(names)
+    hooks = []
+    for name, mod in m.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            cat, i = _category(name, names)
+
+            def hook(mod: nn.Module, inp: Any, out: torch.Tensor, cat: str = cat, i: int = i) -> None:
+                if cat == "block":
+                    blocks[i] += _layer_macs(mod, out)
+                else:
+                    acc[cat] += _layer_macs(mod, out)
+            hooks.append(mod.register_forward_hook(hook))
+    state = (m.training, m.execution, m._forced)
+    p = next(m.parameters())
+    try:
+        m.eval()
+        m.set_execution("dense")
+        m.force_gates(1.0)
+        with _as_variant(m, variant) as used, torch.no_grad():
+            m(torch.zeros(1, 3, h, w, device=p.device, dtype=p.dtype))
+    finally:
+        for hk in hooks:
+            hk.remove()
+        m.train(state[0])
+        m.execution, m._forced = state[1], state[2]
+    fixed = acc["stem"] + acc["projections"] + acc["routers"] + acc["classifier"]
+    layout = f"ResNet {used} layout" if any(isinstance(b, Bottleneck) for b in m.blocks()) else "basic blocks"
+    convention = (f"MACs = multiply-accumulates of Conv2d+Linear layers (no BN/ReLU/pool/bias), {layout}, "
+                  f"{h}x{w} input; papers' GFLOPs = 2 x MACs")
+    return CostTable(fixed=fixed, blocks=blocks, heads=acc["heads"], convention=convention,
+                     backbone_full=acc["stem"] + acc["projections"] + acc["classifier"] + sum(blocks),
+                     routers=acc["routers"], breakdown={k: v for k, v in acc.items() if k != "heads"},
+                     block_names=names, gated=list(m.gated_blocks), image_size=(h, w), variant=used)

@@ -1,0 +1,186 @@
+"""Gated (dynamic-inference) ResNet: stem, stages of gateable blocks, final / multi-stage heads.
+
+Block output: ReLU(shortcut(x) + z·F(x)), z ∈ {0,1} per image from the block's router (computed on the
+block input); the shortcut (projection or option-A pad) always runs. Execution modes:
+  dense  F(x) computed for every image and multiplied by z (training; straight-through gradients);
+  skip   inference only: F runs on the images with z = 1 only and is scatter-added into the shortcut.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbone import BLOCKS, init_backbone, make_stage, stem_modules
+from .gumbel import gumbel_st
+from .heads import MultiStageHeads
+from .output import ModelOutput
+from .routers import build_router
+
+EXECUTION_MODES = ("dense", "skip")
+NUM_OPTIONS = 2  # skip / execute; index 1 = execute
+ROUTER_ATTR, AUX_ATTR = "router", "aux"
+
+
+class DynamicResNet(nn.Module):
+    """ResNet whose residual blocks are executed per image according to learned gates.
+
+    Args:
+        block: "bottleneck" | "basic".  layers / widths: blocks and planes per stage.
+        stem: "imagenet" | "cifar".  variant: "v1" (stride on the first 1×1) | "v1.5" (stride on the 3×3).
+        router: mapping with ``type`` (spnet | aig | none), ``tau``, ``eval_noise`` and router hyper-params.
+        multi_stage_heads: add SP-Net alignment layers + per-stage classifiers.
+        gate_mask: per-block bools; False = block always executes (gate 1, no router).
+    """
+
+    def __init__(self, block: str = "bottleneck", layers: list[int] | tuple[int, ...] = (3, 4, 6, 3),
+                 widths: list[int] | tuple[int, ...] = (64, 128, 256, 512), stem: str = "imagenet",
+                 stem_width: int = 64, variant: str = "v1.5", num_classes: int = 1000,
+                 router: Mapping[str, Any] | None = None, multi_stage_heads: bool = False,
+                 gate_mask: list[bool] | None = None, image_size: int = 224, name: str = "resnet") -> None:
+        super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; valid: {sorted(BLOCKS)}")
+        if len(layers) != len(widths):
+            raise ValueError(f"layers {list(layers)} and widths {list(widths)} must have the same length")
+        self.name, self.variant, self.image_size, self.num_classes = name, variant, image_size, num_classes
+        for k, m in stem_modules(stem, stem_width).items():
+            setattr(self, k, m)
+        expansion = BLOCKS[block].expansion
+        shortcut = "A" if (block == "basic" and stem == "cifar") else "B"
+        c, self.stage_names, self.stage_channels = stem_width, [], []
+        for i, (n, w) in enumerate(zip(layers, widths)):
+            name_i = f"layer{i + 1}"
+            setattr(self, name_i, make_stage(block, c, w, n, 1 if i == 0 else 2, variant, shortcut))
+            c = w * expansion
+            self.stage_names.append(name_i)
+            self.stage_channels.append(c)
+        self.num_features = c
+        self.fc = nn.Linear(c, num_classes)
+        init_backbone(self.modules())
+
+        # gates
+        router = dict(router or {"type": "spnet"})
+        self.tau = float(router.get("tau", 1.0))
+        self.eval_noise = bool(router.get("eval_noise", False))
+        self.block_names = [f"{s}.{i}" for s in self.stage_names for i in range(len(getattr(self, s)))]
+        n_blocks = len(self.block_names)
+        if gate_mask is None:
+            gate_mask = [True] * n_blocks
+        gate_mask = [bool(g) for g in gate_mask]
+        if len(gate_mask) != n_blocks:
+            raise ValueError(f"gate_mask has {len(gate_mask)} entries but the model has {n_blocks} blocks")
+        for blk, g in zip(self.blocks(), gate_mask):
+            if g:
+                blk.router = build_router(router, blk.conv1.in_channels)
+        self.gated_blocks = [blk.router is not None for blk in self.blocks()]
+
+        self.aux = MultiStageHeads(self.stage_channels, num_classes) if multi_stage_heads else None
+        self.multi_stage_heads = bool(multi_stage_heads)
+        self.execution = "dense"
+        self._forced: tuple[float, torch.Generator | None] | None = None
+
+    # ---- structure -------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names)
+
+    def blocks(self) -> Iterator[nn.Module]:
+        for s in self.stage_names:
+            yield from getattr(self, s)
+
+    def is_backbone_key(self, key: str) -> bool:
+        """True for state-dict keys of the plain ResNet (what torchvision checkpoints hold)."""
+        return f".{ROUTER_ATTR}." not in key and not key.startswith(f"{AUX_ATTR}.")
+
+    def router_parameters(self) -> Iterator[nn.Parameter]:
+        for blk in self.blocks():
+            if blk.router is not None:
+                yield from blk.router.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Auxiliary alignment layers + stage classifiers (not the final ``fc``)."""
+        if self.aux is not None:
+            yield from self.aux.parameters()
+
+    # ---- execution control -----------------------------------------------------------------------
+    def set_execution(self, mode: str) -> None:
+        """"dense" (default, any mode) or "skip" (eval mode under torch.no_grad only)."""
+        if mode not in EXECUTION_MODES:
+            raise ValueError(f"unknown execution mode {mode!r}; valid: {list(EXECUTION_MODES)}")
+        self.execution = mode
+
+    def force_gates(self, rate: float | None, generator: torch.Generator | None = None) -> None:
+        """Replace every gated block's decision by exactly round(rate·B) random images executing.
+
+        Routers still run (their cost and logits are real); ``None`` restores router decisions.
+        """
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise ValueError(f"forced gate rate must be in [0, 1], got {rate}")
+        self._forced = None if rate is None else (float(rate), generator)
+
+    def _forced_z(self, b: int, device: torch.device) -> torch.Tensor:
+        rate, gen = self._forced
+        k = round(rate * b)
+        z = torch.zeros(b, device=device)
+        if k == b:
+            return z.fill_(1.0)
+        if k:
+            perm = torch.randperm(b, generator=gen, device=gen.device if gen is not None else "cpu")
+            z[perm[:k].to(device)] = 1.0
+        return z
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def _gate(self, blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if blk.router is None:
+            return None, None
+        logits = blk.router(x)
+        if logits.shape[-1] != NUM_OPTIONS:
+            raise ValueError(f"router returned {logits.shape[-1]} options; DynamicResNet gates are binary (2)")
+        if self._forced is not None:
+            return self._forced_z(x.shape[0], x.device), logits
+        y = gumbel_st(logits, self.tau, hard=True, noise=self.training or self.eval_noise)
+        return y[:, 1], logits
+
+    @staticmethod
+    def _skip_block(blk: nn.Module, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        sc = blk.shortcut(x)
+        if z is None:
+            return F.relu(sc + blk.branch(x))
+        idx = torch.nonzero(z, as_tuple=True)[0]
+        n = idx.numel()
+        if n == 0:  # nobody executes: shortcut only
+            return F.relu(sc)
+        if n == x.shape[0]:  # everybody executes: no gather/scatter
+            return F.relu(sc + blk.branch(x))
+        return F.relu(sc.index_add(0, idx, blk.branch(x.index_select(0, idx))))
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        skip = self.execution == "skip"
+        if skip and (self.training or torch.is_grad_enabled()):
+            raise RuntimeError("execution mode 'skip' is inference-only: call model.eval() and run under "
+                               "torch.no_grad() (or set_execution('dense') for training)")
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        b = x.shape[0]
+        gates, gate_logits, pooled = [], [], []
+        for s in self.stage_names:
+            for blk in getattr(self, s):
+                z, logits = self._gate(blk, x)
+                x = self._skip_block(blk, x, z) if skip else blk(x, z)
+                gates.append(torch.ones(b, device=x.device) if z is None else z.float())
+                gate_logits.append(x.new_zeros(b, NUM_OPTIONS, dtype=torch.float32) if logits is None
+                                   else logits.float())
+            if self.aux is not None or s == self.stage_names[-1]:
+                pooled.append(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        final = pooled[-1]
+        logits = self.fc(final)
+        if self.aux is not None:
+            feats, aux_logits = self.aux(pooled[:-1])
+            head_logits, stage_features = aux_logits + [logits], feats + [final]
+        else:
+            head_logits, stage_features = [logits], [final]
+        return ModelOutput(logits=logits, gates=torch.stack(gates, 1), gate_logits=torch.stack(gate_logits, 1),
+                           head_logits=head_logits, stage_features=stage_features)

@@ -1,0 +1,99 @@
+"""Model registry (named configs, same keys as configs/model/*.yaml) and the ``build_model`` factory."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .backbone import BLOCKS, STEMS, VARIANTS, load_torchvision_state_dict
+from .dynamic_resnet import DynamicResNet
+from .routers import ROUTERS
+
+MODEL_KEYS = ("name", "block", "layers", "widths", "stem", "stem_width", "variant", "num_classes",
+              "image_size", "pretrained")
+METHOD_KEYS = ("router", "multi_stage_heads", "gate_mask")  # keys of the method config read here
+
+MODELS: dict[str, dict[str, Any]] = {}
+
+
+def register_model(name: str, **cfg: Any) -> dict[str, Any]:
+    """Register a named model config (all of ``MODEL_KEYS``)."""
+    cfg = {"name": name, "pretrained": None, **cfg}
+    missing = [k for k in MODEL_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"model config {name!r} lacks {missing}")
+    MODELS[name] = cfg
+    return cfg
+
+
+_IMAGENET = dict(block="bottleneck", widths=[64, 128, 256, 512], stem="imagenet", stem_width=64,
+                 variant="v1.5", num_classes=1000, image_size=224)
+_CIFAR = dict(block="basic", widths=[16, 32, 64], stem="cifar", stem_width=16, variant="v1.5",
+              num_classes=10, image_size=32)
+register_model("resnet50", layers=[3, 4, 6, 3], **_IMAGENET)
+register_model("resnet101", layers=[3, 4, 23, 3], **_IMAGENET)
+register_model("resnet_tiny", block="bottleneck", layers=[1, 1, 1, 1], widths=[8, 16, 32, 64], stem="imagenet",
+               stem_width=16, variant="v1.5", num_classes=10, image_size=64)
+register_model("resnet32_cifar", layers=[5, 5, 5], **_CIFAR)
+register_model("resnet110_cifar", layers=[18, 18, 18], **_CIFAR)
+
+
+def to_plain(obj: Any) -> Any:
+    """OmegaConf DictConfig/ListConfig (or any Mapping/Sequence) → plain dict/list, recursively."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def _check_choice(key: str, value: Any, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"model.{key}={value!r} is not valid; choose one of {list(valid)}")
+
+
+def resolve_model_cfg(model_cfg: Mapping[str, Any] | str) -> dict[str, Any]:
+    """Fill a (partial) model config from the registered config of the same ``name`` and validate it."""
+    cfg = {"name": model_cfg} if isinstance(model_cfg, str) else to_plain(model_cfg)
+    unknown = sorted(set(cfg) - set(MODEL_KEYS))
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {list(MODEL_KEYS)}")
+    name = cfg.get("name")
+    if name in MODELS:
+        cfg = {**MODELS[name], **cfg}
+    missing = [k for k in MODEL_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"model config {name!r} is not registered (known: {sorted(MODELS)}) and lacks {missing}")
+    _check_choice("block", cfg["block"], sorted(BLOCKS))
+    _check_choice("stem", cfg["stem"], STEMS)
+    _check_choice("variant", cfg["variant"], VARIANTS)
+    if len(cfg["layers"]) != len(cfg["widths"]) or not cfg["layers"]:
+        raise ValueError(f"model.layers {cfg['layers']} and model.widths {cfg['widths']} must be non-empty "
+                         "lists of the same length")
+    for k in ("stem_width", "num_classes", "image_size"):
+        if not isinstance(cfg[k], int) or cfg[k] <= 0:
+            raise ValueError(f"model.{k} must be a positive int, got {cfg[k]!r}")
+    return cfg
+
+
+def build_model(model_cfg: Mapping[str, Any] | str, method_cfg: Mapping[str, Any] | None = None) -> DynamicResNet:
+    """Build a DynamicResNet from a model config (see ``MODEL_KEYS``) and the method's model-facing keys.
+
+    method_cfg (all optional): ``router`` {type: spnet|aig|none, hidden, dropout, bias_init, tau, eval_noise},
+    ``multi_stage_heads`` (bool, default False), ``gate_mask`` (null or list of bools, one per block).
+    Other keys of method_cfg are ignored here. None → SP-Net routers, single head.
+    """
+    cfg = resolve_model_cfg(model_cfg)
+    method = to_plain(method_cfg) if method_cfg is not None else {}
+    router = method.get("router") or {"type": "spnet"}
+    if not isinstance(router, Mapping):
+        raise ValueError(f"method.router must be a mapping with a 'type' key, got {router!r}")
+    rtype = router.get("type", "spnet")
+    if rtype not in ROUTERS and rtype != "none":
+        raise ValueError(f"method.router.type={rtype!r} is not valid; choose one of {sorted(ROUTERS) + ['none']}")
+    model = DynamicResNet(block=cfg["block"], layers=cfg["layers"], widths=cfg["widths"], stem=cfg["stem"],
+                          stem_width=cfg["stem_width"], variant=cfg["variant"], num_classes=cfg["num_classes"],
+                          router=router, multi_stage_heads=bool(method.get("multi_stage_heads", False)),
+                          gate_mask=method.get("gate_mask"), image_size=cfg["image_size"], name=cfg["name"])
+    if cfg.get("pretrained"):
+        load_torchvision_state_dict(model, cfg["pretrained"])
+    return model
