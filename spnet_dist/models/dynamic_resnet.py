@@ -165,14 +165,14 @@ class DynamicResNet(nn.Module):
                                "torch.no_grad() (or set_execution('dense') for training)")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         b = x.shape[0]
+        dt = torch.promote_types(x.dtype, torch.float32)  # gates / gate logits: float32 (float64 for .double())
         gates, gate_logits, pooled = [], [], []
         for s in self.stage_names:
             for blk in getattr(self, s):
                 z, logits = self._gate(blk, x)
                 x = self._skip_block(blk, x, z) if skip else blk(x, z)
-                gates.append(torch.ones(b, device=x.device) if z is None else z.float())
-                gate_logits.append(x.new_zeros(b, NUM_OPTIONS, dtype=torch.float32) if logits is None
-                                   else logits.float())
+                gates.append(torch.ones(b, device=x.device, dtype=dt) if z is None else z.to(dt))
+                gate_logits.append(x.new_zeros(b, NUM_OPTIONS, dtype=dt) if logits is None else logits.to(dt))
             if self.aux is not None or s == self.stage_names[-1]:
                 pooled.append(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
         final = pooled[-1]
