@@ -8,7 +8,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spnet_dist.models import MODELS, build_model, cost_table, full_macs, macs_per_image
 
-torch.set_num_threads(2)
 NO_ROUTER = {"router": {"type": "none"}}
 CHEAP = [n for n in sorted(MODELS) if n not in ("resnet50", "resnet101")]
 
@@ -24,6 +23,15 @@ def _flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict]:
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(x)
     return fc.get_total_flops(), fc.get_flop_counts()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: small convs gain nothing from more, and it is robust on a busy 2-core host."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

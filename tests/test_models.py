@@ -13,7 +13,6 @@ from spnet_dist.models import (MODELS, DynamicResNet, ModelOutput, StateDictErro
                                gumbel_st, load_torchvision_state_dict)
 from spnet_dist.models.routers import AIGGate, SPNetRouter
 
-torch.set_num_threads(2)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 SMALL = ["resnet_tiny", "resnet32_cifar"]  # cheap configs for behavioural tests
 CHEAP = [n for n in sorted(MODELS) if n not in ("resnet50", "resnet101")]
@@ -34,6 +33,15 @@ def _calibrate_bn(model: nn.Module, x: torch.Tensor) -> None:
     model.train()
     with torch.no_grad():
         model(x)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: small convs gain nothing from more, and it is robust on a busy 2-core host."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
