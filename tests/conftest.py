@@ -21,8 +21,9 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
-def run_spnet(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_spnet(*args: str, cwd: Path, timeout: float = 300, check: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "spnet_dist.cli", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:

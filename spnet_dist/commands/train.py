@@ -41,31 +41,52 @@ def _rank_main(local_rank: int, cfg_dict: dict, world: int, port: int, result_pa
 
 
 def train_from_overrides(overrides: Sequence[str]) -> dict[str, Any] | None:
-    """Compose the config and train; returns rank 0's summary (None on other ranks)."""
+    """Compose the config and train; returns this process's summary (rank 0's holds the run's results)."""
     from ..cli import setup_logging
-    from ..config import compose, to_container
+    from ..config import compose, to_container, validate
     from ..data.loaders import check_layout
     from ..engine.trainer import train
 
     cfg = compose(overrides)
+    validate(cfg)  # keys, values, this machine, the data (cheap, cached): one clear error before any work
     check_layout(cfg.data.root)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, a SLURM task, or env vars set by hand
-        rank = int(os.environ["RANK"])
-        setup_logging(rank)
-        summary = train(cfg)
-        return summary if rank == 0 else None
+        setup_logging(int(os.environ["RANK"]))
+        return train(cfg)
     nprocs = int(cfg.trainer.nprocs)
     if nprocs <= 1:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
         setup_logging(0)
         return train(cfg)
+    return _spawn_local(to_container(cfg), nprocs)
+
+
+def _spawn_local(cfg_dict: dict, nprocs: int) -> dict[str, Any]:
+    """Start ``nprocs`` ranks on this machine; SIGTERM/SIGUSR2 to this process are forwarded to every rank."""
+    import signal
+
     import torch.multiprocessing as mp
+
+    from ..engine.preempt import STOP_SIGNALS
 
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "summary.json"
-        mp.start_processes(_rank_main, args=(to_container(cfg), nprocs, free_port(), str(result)),
-                           nprocs=nprocs, join=True, start_method="spawn")
+        ctx = mp.start_processes(_rank_main, args=(cfg_dict, nprocs, free_port(), str(result)), nprocs=nprocs,
+                                 join=False, start_method="spawn")
+
+        def forward(signum: int, _frame: Any) -> None:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    os.kill(proc.pid, signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+        try:
+            while not ctx.join():
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return json.loads(result.read_text())
 
 
@@ -77,4 +98,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | int | None:
 
         print(OmegaConf.to_yaml(compose(args.overrides), resolve=True))
         return None
-    return train_from_overrides(args.overrides)
+    from ..engine.preempt import EXIT_PREEMPTED
+
+    summary = train_from_overrides(args.overrides)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(summary, sort_keys=True), flush=True)
+    return EXIT_PREEMPTED if summary.get("preempted") else 0

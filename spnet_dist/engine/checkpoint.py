@@ -1,11 +1,14 @@
 """DeepSpeed checkpoints with the project's client state, written so that a partial save is never resumed.
 
-Every rank calls :meth:`Checkpointer.save` (DeepSpeed's save is collective). After all ranks finished writing,
-rank 0 adds ``spnet_complete.json`` to the tag folder; only tags that carry it count as complete.
+Every rank calls :meth:`Checkpointer.save` (DeepSpeed's save is collective). Once every rank has written,
+rank 0 records the size of every file of the tag in ``spnet_complete.json`` and then points ``latest`` at
+the tag; both files are replaced atomically. A tag without the marker, or whose files no longer match it
+(a crash mid-write, a truncated copy), is never resumed: ``resume=auto`` falls back to the previous one.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,7 +19,9 @@ import torch.distributed as dist
 
 from . import distributed as D
 
+log = logging.getLogger("spnet.checkpoint")
 COMPLETE = "spnet_complete.json"
+LATEST = "latest"
 CLIENT_KEY = "spnet"
 
 
@@ -25,29 +30,71 @@ def _step_of(tag: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _file_sizes(tag_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name not in (COMPLETE, COMPLETE + ".tmp")}
+
+
 def complete_tags(directory: str | Path) -> list[str]:
-    """Tags in ``directory`` whose save completed on every rank, oldest first."""
+    """Tags in ``directory`` that carry the completion marker, oldest first (not yet verified)."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    tags = [p.name for p in d.iterdir() if (p / COMPLETE).is_file()]
-    return sorted(tags, key=_step_of)
+    return sorted((p.name for p in d.iterdir() if (p / COMPLETE).is_file()), key=_step_of)
 
 
-def resolve_resume(resume: str, directory: str | Path) -> tuple[Path, str] | None:
+def problem_with(directory: str | Path, tag: str) -> str | None:
+    """Why the tag cannot be resumed (missing marker, missing or truncated files), or None if it is sound."""
+    tag_dir = Path(directory) / tag
+    try:
+        marker = json.loads((tag_dir / COMPLETE).read_text())
+    except (OSError, ValueError) as err:
+        return f"no readable {COMPLETE} ({type(err).__name__}): the save did not complete"
+    actual = _file_sizes(tag_dir)
+    for name, size in marker.get("files", {}).items():
+        if name not in actual:
+            return f"file {name} is missing"
+        if actual[name] != size:
+            return f"file {name} has {actual[name]} bytes, {size} were written"
+    return None
+
+
+def saved_world_size(directory: str | Path, tag: str) -> int:
+    return int(json.loads((Path(directory) / tag / COMPLETE).read_text())["world_size"])
+
+
+def resolve_resume(resume: str | None, directory: str | Path) -> tuple[Path, str] | None:
     """Map ``resume=auto|none|<tag>|<path>`` to (checkpoint dir, tag), or None for a fresh start."""
     if resume in (None, "none", "None", ""):
         return None
     if resume == "auto":
-        tags = complete_tags(directory)
-        return (Path(directory), tags[-1]) if tags else None
+        for tag in reversed(complete_tags(directory)):
+            reason = problem_with(directory, tag)
+            if reason is None:
+                return Path(directory), tag
+            if D.rank() == 0:
+                log.warning("resume=auto: skipping checkpoint %s: %s", Path(directory) / tag, reason)
+        return None
     p = Path(resume)
-    if (p / COMPLETE).is_file():
-        return p.parent, p.name
-    if (Path(directory) / resume / COMPLETE).is_file():
-        return Path(directory), resume
+    candidates = [(p.parent, p.name), (Path(directory), resume)]
     if p.is_dir() and complete_tags(p):
-        return p, complete_tags(p)[-1]
+        candidates.append((p, complete_tags(p)[-1]))
+    for d, tag in candidates:
+        if (d / tag / COMPLETE).is_file():
+            reason = problem_with(d, tag)
+            if reason:
+                raise ValueError(f"resume={resume!r}: checkpoint {d / tag} is unusable: {reason}; "
+                                 f"use resume=auto to take the newest sound one")
+            return d, tag
     raise FileNotFoundError(
         f"resume={resume!r}: no complete checkpoint there (looked for {COMPLETE} in {p} and in "
         f"{Path(directory) / resume}); use resume=auto, resume=none, a tag in checkpoint.dir or a tag folder path")
@@ -59,25 +106,24 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
+        """Collective: every rank must call it."""
         tag = f"global_step{step}"
+        tag_dir = self.directory / tag
         if D.rank() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            stale = self.directory / tag
-            if stale.exists():  # an earlier incomplete or superseded save of the same step
-                shutil.rmtree(stale)
-        if D.is_dist():
-            dist.barrier()
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: client_state})
-        if D.is_dist():
-            dist.barrier()
+            if tag_dir.exists():  # an earlier, interrupted save of the same step
+                shutil.rmtree(tag_dir)
+        _barrier()
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: client_state},
+                               save_latest=False)
+        _barrier()
         if D.rank() == 0:
-            tmp = self.directory / tag / (COMPLETE + ".tmp")
-            tmp.write_text(json.dumps({"step": step, "world_size": D.world_size()}))
-            os.replace(tmp, self.directory / tag / COMPLETE)
+            marker = {"step": step, "world_size": D.world_size(), "files": _file_sizes(tag_dir)}
+            _write_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=1))
+            _write_atomic(self.directory / LATEST, tag)
             self._prune()
-        if D.is_dist():
-            dist.barrier()
-        return self.directory / tag
+        _barrier()
+        return tag_dir
 
     def _prune(self) -> None:
         tags = complete_tags(self.directory)
@@ -91,3 +137,8 @@ class Checkpointer:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
         return client[CLIENT_KEY]
+
+
+def _barrier() -> None:
+    if D.is_dist():
+        dist.barrier()

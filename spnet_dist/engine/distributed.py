@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -33,9 +34,31 @@ def global_mean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     total = x.sum(dim=dim)
     count = torch.tensor(float(x.shape[dim]), dtype=x.dtype, device=x.device)
     if is_dist() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
+        from torch.distributed.nn.functional import all_reduce  # differentiable (its replacement is not yet)
 
+        warnings.filterwarnings("ignore", message=".*distributed.nn.functional.all_reduce is deprecated")
         total = all_reduce(total)
         count = count.clone()
         dist.all_reduce(count)
     return total / count
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks, in place.
+
+    Training BN uses batch statistics, so this does not change the optimisation; it makes evaluation and
+    checkpoints independent of which rank's statistics they would otherwise use.
+    """
+    if not is_dist() or dist.get_world_size() == 1:
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()

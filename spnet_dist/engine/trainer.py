@@ -1,23 +1,41 @@
-"""The training loop: Hydra config -> DALI -> dynamic ResNet -> DeepSpeed engine -> checkpoints -> MLflow."""
+"""The training loop: Hydra config -> DALI -> dynamic ResNet -> DeepSpeed engine -> checkpoints -> MLflow.
+
+Everything that must survive a restart goes into the checkpoint's client state: epoch/step/batch position,
+the DALI reader state of every rank, every rank's RNG streams, the method state (SP-Net teacher, ...) and the
+MLflow run id. DeepSpeed restores the module, the optimizer and the LR scheduler it owns.
+"""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import signal
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..config import flatten, to_container
 from . import distributed as D
-from .checkpoint import Checkpointer, resolve_resume
+from . import preempt
+from .checkpoint import Checkpointer, resolve_resume, saved_world_size
 from .evaluate import evaluate
 from .rng import rng_state, seed_all, set_rng_state
+from .schedule import EpochClock, lr_factor
 
 log = logging.getLogger("spnet.train")
+FAILPOINT_ENV = "SPNET_FAILPOINT"  # test hook: "kill_after_save:<step>" SIGKILLs every rank after that save
+
+
+@dataclass
+class Progress:
+    epoch: int = 0           # completed epochs
+    step: int = 0            # optimizer steps in total
+    batch_in_epoch: int = 0  # optimizer steps done in the current epoch
+    run_id: str | None = None
 
 
 def deepspeed_config(cfg: Any, world: int) -> dict[str, Any]:
@@ -38,35 +56,68 @@ def deepspeed_config(cfg: Any, world: int) -> dict[str, Any]:
     return conf
 
 
-def lr_lambda(optim: Any, steps_per_epoch: int):
-    """Per-step multiplier: linear warm-up, then x gamma at each milestone epoch."""
-    warm = optim.warmup_epochs * steps_per_epoch
-    milestones = [m * steps_per_epoch for m in optim.milestones]
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        return optim.gamma ** sum(step >= m for m in milestones)
-
-    return f
-
-
 def init_distributed() -> None:
     import deepspeed
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                         ("MASTER_PORT", str(29500 + os.getpid() % 2000))):
+        os.environ.setdefault(key, default)
     if not D.is_dist():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def run_name(cfg: Any) -> str:
     return cfg.name or f"{cfg.method.name}-{cfg.model.name}-t{cfg.method.get('target_rate', 'na')}"
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (rank 0's checkpoint stores them all)."""
+    if not D.is_dist() or D.world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * D.world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def state_checksum(state: Any) -> torch.Tensor:
+    """Sum and sum of squares of every tensor in a nested state, in float64."""
+    parts: list[torch.Tensor] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            parts.append(torch.stack([x.double().sum(), x.double().square().sum()]))
+        elif isinstance(x, dict):
+            for k in sorted(x):
+                visit(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+
+    visit(state)
+    return torch.cat(parts) if parts else torch.zeros(2, dtype=torch.float64)
+
+
+def check_in_sync(method: Any, step: int) -> None:
+    """Stop with a clear error if replicated method state (SP-Net's EMA teacher) differs between ranks."""
+    if not D.is_dist() or D.world_size() == 1:
+        return
+    mine = state_checksum(method.replicated_tensors())
+    ref = mine.clone()
+    dist.broadcast(ref, src=0)
+    bad = torch.tensor([0.0 if torch.equal(mine, ref) else 1.0])
+    dist.all_reduce(bad)
+    if bad.item():
+        raise RuntimeError(f"method state (e.g. the EMA teacher) differs between ranks at step {step}: "
+                           f"{int(bad.item())} rank(s) drifted from rank 0. The run cannot continue consistently; "
+                           "resume from the last checkpoint (resume=auto).")
+
+
+def _failpoint(step: int) -> None:
+    spec = os.environ.get(FAILPOINT_ENV, "")
+    if spec.startswith("kill_after_save:") and int(spec.split(":", 1)[1]) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(cfg: Any) -> dict[str, Any]:
@@ -78,131 +129,168 @@ def train(cfg: Any) -> dict[str, Any]:
     from ..models import build_model, cost_table
     from ..tracking.mlflow_tracker import Tracker
 
+    preempt.install()
     init_distributed()
     rank, world = D.rank(), D.world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(cfg.trainer.threads or max(1, (os.cpu_count() or 1) // local_world))
     seed_all(cfg.seed)
 
+    # --- where do we start? (decided before building loaders: the DALI state is per rank)
+    ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+    found = resolve_resume(cfg.resume, cfg.checkpoint.dir)
+    same_world = found is None or saved_world_size(*found) == world
+    if found and not same_world and cfg.deepspeed.stage > 0:
+        raise ValueError(
+            f"checkpoint {found[0] / found[1]} was written by {saved_world_size(*found)} ranks with ZeRO stage "
+            f"{cfg.deepspeed.stage} (optimizer state partitioned per rank); this run has {world} ranks. Resume "
+            f"with {saved_world_size(*found)} ranks, or convert it with `python -m deepspeed.checkpoint."
+            f"ds_to_universal --input_folder {found[0] / found[1]} --output_folder <dir>`; runs with deepspeed=zero0 "
+            f"resume on any number of ranks")
+
     method_cfg = prepare_method_cfg(cfg.method, cfg.model)
     model = build_model(cfg.model, method_cfg)
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 and cfg.optim.get("no_decay_bn", False) else decay).append(p)
-    groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-    optimizer = torch.optim.SGD(groups,
-                                lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-
-    train_loader = build_loader(cfg, train=True, shard_id=rank, num_shards=world)
-    val_loader = build_loader(cfg, train=False, shard_id=rank, num_shards=world)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"trainer.batch_size={cfg.trainer.batch_size} x {world} ranks is larger than the "
-                         f"training shard ({train_loader.shard_size} images); use a smaller batch size")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, steps_per_epoch))
+    clock = EpochClock()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, clock))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
     method = build_method(method_cfg, engine.module)
     table = cost_table(engine.module, cfg.data.image_size)
     seed_all(cfg.seed + 1000 * rank)  # per-rank Gumbel / dropout streams
 
-    ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
-    state = {"epoch": 0, "step": 0, "run_id": None}
-    found = resolve_resume(cfg.resume, cfg.checkpoint.dir)
+    prog, client = Progress(), None
     if found:
         client = Checkpointer.load(engine, *found)
         method.load_state_dict(client["method"])
-        state.update(epoch=client["epoch"], step=client["step"], run_id=client["run_id"])
-        if rank < len(client["rng"]):
+        prog = Progress(**client["progress"])
+        if same_world:
             set_rng_state(client["rng"][rank])
+        else:  # no exact continuation possible: restart the interrupted epoch with fresh streams
+            seed_all(cfg.seed + 1000 * rank + prog.step)
+            if prog.batch_in_epoch and rank == 0:
+                log.warning("world size changed %d -> %d: the DALI reader position is per rank and cannot be "
+                            "carried over; epoch %d restarts at its beginning", saved_world_size(*found), world,
+                            prog.epoch + 1)
+            prog.batch_in_epoch = 0
         if rank == 0:
-            log.info("resumed from %s (epoch %d, step %d)", found[0] / found[1], state["epoch"], state["step"])
+            log.info("resumed from %s (epoch %d, step %d)", found[0] / found[1], prog.epoch, prog.step)
 
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, enabled=rank == 0)
+    dali_state = client["data"][rank] if client and same_world else None
+    train_loader = build_loader(cfg, train=True, shard_id=rank, num_shards=world, checkpoint=dali_state)
+    val_loader = build_loader(cfg, train=False, shard_id=rank, num_shards=world)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"trainer.batch_size={cfg.trainer.batch_size} x {world} ranks is larger than the "
+                         f"training shard ({train_loader.shard_size} images); use a smaller batch size")
+    clock.steps_per_epoch = steps_per_epoch
+    clock.epochs = prog.epoch + prog.batch_in_epoch / steps_per_epoch
+    if not found:  # the first LR was computed before the epoch length was known
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * scheduler.lr_lambdas[0](0)
+
+    tracker = Tracker.from_config(cfg, enabled=rank == 0)
     tags = {"method": str(cfg.method.name), "backbone": str(cfg.model.name),
             "target_rate": str(cfg.method.get("target_rate")), "world_size": str(world)}
-    state["run_id"] = tracker.start(state["run_id"], run_name(cfg), tags)
+    prog.run_id = tracker.start(prog.run_id, run_name(cfg), tags)
     tracker.log_params(flatten(to_container(cfg)))
+    run_eval = getattr(method, "evaluate", None) or evaluate
 
     max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps and cfg.trainer.max_steps > 0 else math.inf
+    sync_every = int(cfg.trainer.sync_check_every or 0)
     last_ckpt: Path | None = found[0] / found[1] if found else None
     metrics: dict[str, Any] = {}
-    images_seen, t_start = 0, time.perf_counter()
+    images_seen, t_start, preempted = 0, time.perf_counter(), False
 
     def save() -> Path:
-        client = {"epoch": state["epoch"], "step": state["step"], "run_id": state["run_id"],
-                  "method": method.state_dict(), "rng": gather_rng(), "config": to_container(cfg)}
-        return ckpt.save(engine, state["step"], client)
+        D.average_buffers(engine.module)  # one set of BN statistics, whichever rank's file is read
+        state = {"progress": asdict(prog), "method": method.state_dict(), "rng": gather_objects(rng_state()),
+                 "data": gather_objects(train_loader.state_dict()["dali"]), "config": to_container(cfg)}
+        path = ckpt.save(engine, prog.step, state)
+        tracker.log_checkpoint(path, step=prog.step, epoch=prog.epoch)
+        _failpoint(prog.step)
+        return path
 
-    for epoch in range(state["epoch"], cfg.trainer.epochs):
-        if state["step"] >= max_steps:
-            break
+    def validate() -> dict[str, Any]:
+        D.average_buffers(engine.module)
+        m = run_eval(method.eval_model(engine.module), val_loader, table, cfg.eval.execution)
+        tracker.log_eval(m, step=prog.step, epoch=prog.epoch, table=table)
+        if rank == 0:
+            log.info("epoch %d: top1 %.4f, MACs/image %.4g", prog.epoch, m["top1"], m["macs_per_image"])
+        return m
+
+    def end_of_epoch() -> None:
+        nonlocal metrics, last_ckpt
+        prog.epoch += 1
+        prog.batch_in_epoch = 0
+        if prog.epoch % cfg.eval.every_epochs == 0 or prog.epoch >= cfg.trainer.epochs:
+            metrics = validate()
+        if last_ckpt is None or last_ckpt.name != f"global_step{prog.step}":
+            last_ckpt = save()
+
+    def train_epoch() -> bool:
+        """Train until the loader's epoch ends, max_steps, or a stop signal (returns True if stopped)."""
+        nonlocal last_ckpt, images_seen
+        if hasattr(method, "on_epoch_start"):
+            method.on_epoch_start(prog.epoch)
         engine.train()
-        epoch_start = state["step"]
-        bar = progress(cfg, rank, steps_per_epoch, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
-        for images, labels in train_loader:
+        bar = progress_bar(cfg, rank, steps_per_epoch, prog.batch_in_epoch,
+                           f"epoch {prog.epoch + 1}/{cfg.trainer.epochs}")
+        stop = False
+        for images, labels in train_loader:  # a restored loader yields only the rest of its epoch
             out = engine(images)
             loss, terms = method.loss(engine.module, images, labels, out)
             engine.backward(loss)
+            prog.step += 1
+            prog.batch_in_epoch += 1
+            clock.epochs = prog.epoch + prog.batch_in_epoch / steps_per_epoch
             engine.step()
-            state["step"] += 1
             images_seen += images.shape[0] * world
-            if state["step"] % cfg.trainer.log_every == 0:
+            if prog.step % cfg.trainer.log_every == 0:
                 logged = {f"train/{k}": float(v) for k, v in terms.items() if v.ndim == 0}
-                logged["train/loss"] = float(loss.detach())
-                logged["train/lr"] = scheduler.get_last_lr()[0]
-                tracker.log_metrics(logged, step=state["step"])
+                logged.update({"train/loss": float(loss.detach()), "train/lr": scheduler.get_last_lr()[0]})
+                tracker.log_metrics(logged, step=prog.step, images_seen=images_seen)
             if bar:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", rate=f"{float(terms['exec_rate']):.2f}")
                 bar.update(1)
-            if cfg.checkpoint.every_steps and state["step"] % cfg.checkpoint.every_steps == 0:
+            if sync_every and prog.step % sync_every == 0:
+                check_in_sync(method, prog.step)
+            stop = preempt.should_stop()
+            if stop or (cfg.checkpoint.every_steps and prog.step % cfg.checkpoint.every_steps == 0):
                 last_ckpt = save()
-            if state["step"] >= max_steps:
+            if stop or prog.step >= max_steps:
                 break
         if bar:
             bar.close()
-        if state["step"] - epoch_start == steps_per_epoch:
-            state["epoch"] = epoch + 1  # a stop mid-epoch (max_steps) leaves the epoch unfinished
-        if (epoch + 1) % cfg.eval.every_epochs == 0 or state["epoch"] >= cfg.trainer.epochs:
-            metrics = evaluate(method.eval_model(engine.module), val_loader, table, cfg.eval.execution)
-            tracker.log_metrics({f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)},
-                                step=state["step"])
-            if rank == 0:
-                log.info("epoch %d: top1 %.4f, MACs/image %.4g", epoch + 1, metrics["top1"],
-                         metrics["macs_per_image"])
-        last_ckpt = save()
-    if not metrics:  # nothing left to train (resumed a finished run): evaluate once
-        metrics = evaluate(method.eval_model(engine.module), val_loader, table, cfg.eval.execution)
+        return stop
+
+    while not preempted:
+        if prog.batch_in_epoch >= steps_per_epoch:
+            end_of_epoch()
+            preempted = preempt.should_stop()
+        if preempted or prog.epoch >= cfg.trainer.epochs or prog.step >= max_steps:
+            break
+        preempted = train_epoch()
+    if preempted and rank == 0:
+        log.warning("stop signal %s: checkpoint %s written at step %d; exiting with code %d (resume=auto "
+                    "continues)", preempt.requested_signal(), last_ckpt, prog.step, preempt.EXIT_PREEMPTED)
+    if not preempted and (last_ckpt is None or last_ckpt.name != f"global_step{prog.step}"):
+        last_ckpt = save()  # stopped mid-epoch by max_steps
+    if not metrics and not preempted:  # resumed a finished run, or stopped mid-epoch: evaluate once
+        metrics = validate()
     elapsed = time.perf_counter() - t_start
-    tracker.set_tags({"checkpoint": str(last_ckpt)})
-    tracker.finish()
-    summary = {**metrics, "checkpoint": str(last_ckpt) if last_ckpt else None, "mlflow_run_id": state["run_id"],
-               "steps": state["step"], "epochs": state["epoch"], "world_size": world,
-               "train_images_per_sec": images_seen / elapsed if elapsed > 0 else 0.0,
-               "method": str(cfg.method.name), "model": str(cfg.model.name), "tracking_uri": str(cfg.tracking.uri)}
-    return summary
+    tracker.log_final(method.eval_model(engine.module), last_ckpt, final=not preempted)
+    prog.run_id = tracker.finish("KILLED" if preempted else "FINISHED") or prog.run_id
+    return {**metrics, "checkpoint": str(last_ckpt) if last_ckpt else None, "mlflow_run_id": prog.run_id,
+            "steps": prog.step, "epochs": prog.epoch, "world_size": world, "preempted": preempted,
+            "train_images_per_sec": images_seen / elapsed if elapsed > 0 else 0.0,
+            "method": str(cfg.method.name), "model": str(cfg.model.name), "tracking_uri": str(cfg.tracking.uri)}
 
 
-def gather_rng() -> list[dict[str, Any]]:
-    """Every rank's RNG state (each rank restores its own)."""
-    import torch.distributed as dist
-
-    mine = rng_state()
-    if not D.is_dist() or D.world_size() == 1:
-        return [mine]
-    states: list[Any] = [None] * D.world_size()
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def progress(cfg: Any, rank: int, total: int, desc: str):
+def progress_bar(cfg: Any, rank: int, total: int, initial: int, desc: str):
     if rank != 0 or not cfg.trainer.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def summary_line(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, sort_keys=True)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)

@@ -161,6 +161,13 @@ class Method:
         """The network evaluated on the validation set: the student for all current methods."""
         return model
 
+    def replicated_tensors(self) -> list[Tensor]:
+        """Cross-iteration tensors that must be identical on every rank (checked periodically by the trainer).
+
+        BatchNorm running statistics are per rank (as with DDP without SyncBN) and are not listed.
+        """
+        return []
+
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -111,6 +111,10 @@ class SPNet(GatedMethod):
             self._cache_teacher_tensors()
 
     @torch.no_grad()
+    def replicated_tensors(self) -> list[Tensor]:
+        """The teacher's parameters: every rank applies the same EMA to the same student weights."""
+        return self._t_params
+
     def ema_update(self, model: torch.nn.Module) -> None:
         """θ_t ← m·θ_t + (1−m)·θ_s for every parameter (fused foreach), then the buffer policy:
 
