@@ -1,0 +1,191 @@
+"""DALI pipelines over the ImageNet folder layout, sharded by *global* rank.
+
+Train: file reader (random shuffle, padded last batch) -> decode -> random-resized-crop -> flip + normalize.
+Val: file reader (no shuffle, padded last batch) -> decode -> resize shorter side -> center crop + normalize.
+Decoding runs on the CPU (``device_id=None``) unless a GPU is present and ``decode`` is ``auto`` or ``mixed``.
+
+Bad files: ``build_loader`` normally hands the reader a ``file_list`` without the files the data check found
+undecodable (see ``data/check.py``). A file DALI still fails on stops the pipeline for good (DALI 2.4 has no
+skip option); ``DaliLoader`` turns that "Critical error in pipeline" into a ``CorruptDataError`` naming the
+file, and with ``on_corrupt='skip'`` records it so the next run leaves it out.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+def resolve_decode(decode: str) -> str:
+    """'auto' -> 'mixed' when CUDA is available, else 'cpu'. 'mixed' without a GPU is an error."""
+    if decode == "auto":
+        return "mixed" if torch.cuda.is_available() else "cpu"
+    if decode == "mixed" and not torch.cuda.is_available():
+        raise ValueError("data.decode=mixed needs a CUDA GPU, but none is available; use data.decode=cpu or auto")
+    if decode not in ("cpu", "mixed"):
+        raise ValueError(f"data.decode={decode!r} is not valid; choose one of auto, cpu, mixed")
+    return decode
+
+
+@pipeline_def(enable_checkpointing=True)
+def _imagenet_pipe(root: str, shard_id: int, num_shards: int, train: bool, crop: int, val_resize: int,
+                   decode: str, with_source_info: bool, layout: str, file_list: str | None = None):
+    listing = {"file_list": file_list} if file_list else {}
+    jpegs, labels = fn.readers.file(file_root=root, shard_id=shard_id, num_shards=num_shards,
+                                    random_shuffle=train, pad_last_batch=True, name="Reader", **listing)
+    if train:
+        images = fn.decoders.image_random_crop(jpegs, device=decode, output_type=types.RGB,
+                                               random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3])
+        images = fn.resize(images, resize_x=crop, resize_y=crop)
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=val_resize)
+        mirror = False
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, crop=(crop, crop),
+                                      mean=MEAN, std=STD, mirror=mirror)
+    labels = labels.gpu() if decode == "mixed" else labels
+    if with_source_info:
+        return images, labels, fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)  # uniform length
+    return images, labels
+
+
+@dataclass
+class LoaderSpec:
+    root: str
+    batch_size: int
+    shard_id: int
+    num_shards: int
+    train: bool
+    crop: int
+    val_resize: int
+    num_threads: int = 2
+    seed: int = 0
+    decode: str = "auto"
+    layout: str = "CHW"
+    with_source_info: bool = False
+    file_list: str | None = None  # DALI file_list ("<class>/<file> <label>" lines, relative to root); None: all
+    on_corrupt: str = "fail"      # what a file DALI cannot decode means: fail | skip (recorded for the next run)
+
+
+class CorruptDataError(ValueError):
+    """DALI could not read or decode an image; the message names the file and what to do."""
+
+
+_FILE_PATTERNS = (re.compile(r"Failed to decode sample #\d+\s*:\s*(.+?)\s*$", re.M),
+                  re.compile(r"File mapping failed:\s*(.+?)\s*$", re.M),
+                  re.compile(r"(?:Failed to open file|Could not open file|No such file or directory)[:\s]+(\S.*?)\s*$",
+                             re.M))
+_DATA_ERROR = re.compile(r"nvImageCodec failure|decod|File mapping failed|Failed to open|Could not open", re.I)
+
+
+def _dali_reason(text: str) -> str:
+    """The useful part of a DALI error: the line after 'encountered:' (without the C++ context)."""
+    m = re.search(r"encountered:\s*(.+?)\s*(?:C\+\+ context|Current pipeline object|$)", text, re.S)
+    reason = m.group(1) if m else text.strip().splitlines()[-1]
+    return " ".join(reason.split())[:300]
+
+
+def translate_dali_error(err: BaseException, spec: LoaderSpec) -> BaseException:
+    """A CorruptDataError naming the file for DALI's file/decode errors; other errors unchanged."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not _DATA_ERROR.search(text):
+        return err
+    reason = _dali_reason(text)
+    root = Path(spec.root)
+    for i, pat in enumerate(_FILE_PATTERNS):
+        m = pat.search(text)
+        if m:
+            path = Path(m.group(1))
+            path = path if path.is_absolute() else root / path
+            reason = ("the decoder failed: truncated or corrupt image data", "empty or unreadable file",
+                      "cannot open the file")[i]
+            break
+    else:
+        return CorruptDataError(
+            f"DALI could not decode an image in {root} ({reason}) and does not say which; run `spnet check-data "
+            f"data.root={root.parent}` to name the file(s), or train with data.scan=quick (the default) so "
+            f"undecodable files are found before training")
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        rel = None
+    if spec.on_corrupt == "skip" and rel:
+        from .check import record_bad_file
+
+        where = record_bad_file(root, rel, f"DALI: {reason}")
+        return CorruptDataError(
+            f"DALI could not decode {path} ({reason}); it is now listed as bad in {where}, so the next run leaves "
+            f"it out (data.on_corrupt=skip with data.scan=quick or decode): run the same command again, resume=auto "
+            f"continues from the last checkpoint")
+    return CorruptDataError(f"DALI could not decode {path} ({reason}); replace or delete the file, or set "
+                            f"data.on_corrupt=skip")
+
+
+class DaliLoader:
+    """Iterates ``(images, labels)`` (and file names with ``with_source_info``) for one shard.
+
+    Train drops the ragged last batch so every rank runs the same number of steps; val keeps every image
+    exactly once (padding duplicates are dropped by the iterator). ``state_dict`` holds the DALI checkpoint
+    (reader position + RNG states) for exact mid-epoch resume.
+    """
+
+    def __init__(self, spec: LoaderSpec, checkpoint: str | None = None):
+        self.spec = spec
+        decode = resolve_decode(spec.decode)
+        device_id = torch.cuda.current_device() if decode == "mixed" else None
+        self.pipe = _imagenet_pipe(root=spec.root, shard_id=spec.shard_id, num_shards=spec.num_shards,
+                                   train=spec.train, crop=spec.crop, val_resize=spec.val_resize, decode=decode,
+                                   with_source_info=spec.with_source_info, layout=spec.layout,
+                                   batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=device_id,
+                                   seed=spec.seed + 7919 * spec.shard_id, checkpoint=checkpoint,
+                                   prefetch_queue_depth=2, file_list=spec.file_list)
+        names = ["data", "label"] + (["source_info"] if spec.with_source_info else [])
+        policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
+        try:
+            self.pipe.build()
+            self.iterator = DALIGenericIterator([self.pipe], names, reader_name="Reader", last_batch_policy=policy,
+                                                auto_reset=True)
+        except RuntimeError as err:
+            raise translate_dali_error(err, spec) from None
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    @property
+    def shard_size(self) -> int:
+        return self.iterator.size
+
+    def _batches(self) -> Iterator[Any]:
+        it = iter(self.iterator)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                raise translate_dali_error(err, self.spec) from None
+            yield batch
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._batches():
+            b = batch[0]
+            images, labels = b["data"], b["label"].reshape(-1).long()
+            if self.spec.with_source_info:
+                yield images, labels, [bytes(t.tolist()).decode().rstrip("\x00") for t in b["source_info"]]
+            else:
+                yield images, labels
+
+    def state_dict(self) -> dict:
+        return {"dali": self.iterator.checkpoints()[0]}
+
+    def release(self) -> None:
+        del self.iterator, self.pipe
