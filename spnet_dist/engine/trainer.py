@@ -114,6 +114,16 @@ def check_in_sync(method: Any, step: int) -> None:
                            "resume from the last checkpoint (resume=auto).")
 
 
+def global_scalars(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar loss terms averaged over ranks (collective), as ``train/<name>`` floats for logging."""
+    names = [k for k, v in terms.items() if v.ndim == 0]
+    values = torch.stack([terms[k].detach().double().cpu() for k in names])
+    if D.is_dist() and D.world_size() > 1:
+        dist.all_reduce(values)
+        values /= D.world_size()
+    return {f"train/{k}": float(v) for k, v in zip(names, values)}
+
+
 def _failpoint(step: int) -> None:
     spec = os.environ.get(FAILPOINT_ENV, "")
     if spec.startswith("kill_after_save:") and int(spec.split(":", 1)[1]) == step:
@@ -248,8 +258,8 @@ def train(cfg: Any) -> dict[str, Any]:
             engine.step()
             images_seen += images.shape[0] * world
             if prog.step % cfg.trainer.log_every == 0:
-                logged = {f"train/{k}": float(v) for k, v in terms.items() if v.ndim == 0}
-                logged.update({"train/loss": float(loss.detach()), "train/lr": scheduler.get_last_lr()[0]})
+                logged = global_scalars({"loss": loss.detach(), **terms})
+                logged["train/lr"] = scheduler.get_last_lr()[0]
                 tracker.log_metrics(logged, step=prog.step, images_seen=images_seen)
             if bar:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", rate=f"{float(terms['exec_rate']):.2f}")
