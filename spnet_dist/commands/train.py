@@ -92,11 +92,9 @@ def _spawn_local(cfg_dict: dict, nprocs: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any] | int | None:
     if args.cfg:
-        from omegaconf import OmegaConf
+        from ..config import job_yaml
 
-        from ..config import compose
-
-        print(OmegaConf.to_yaml(compose(args.overrides), resolve=True))
+        print(job_yaml(args.overrides))
         return None
     from ..engine.preempt import EXIT_PREEMPTED
 

@@ -1,19 +1,24 @@
-"""spnet ui: the MLflow UI on 127.0.0.1 against the tracking store."""
+"""spnet ui: the MLflow UI on 127.0.0.1 against the configured tracking store (Ctrl-C stops it)."""
 from __future__ import annotations
 
 import argparse
 
 NAME = "ui"
-HELP = "start the MLflow UI on 127.0.0.1 against the tracking store"
+HELP = "start the MLflow UI on 127.0.0.1 against the tracking store (default: tracking.uri)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--uri", default="sqlite:///mlflow.db")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--uri", default=None, help="tracking store (default: tracking.uri, e.g. sqlite:///mlflow.db)")
+    p.add_argument("--host", default=None, help="address to listen on (default: tracking.ui.host = 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: tracking.ui.port = 5000)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. tracking.uri=sqlite:///other.db")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import compose
     from ..tracking.ui import serve
 
-    return serve(args.uri, host=args.host, port=args.port)
+    cfg = compose(args.overrides)
+    ui = cfg.tracking.get("ui") or {}
+    return serve(args.uri or str(cfg.tracking.uri), host=args.host or str(ui.get("host", "127.0.0.1")),
+                 port=args.port or int(ui.get("port", 5000)))

@@ -24,6 +24,7 @@ adding, removing or renaming files invalidates it; rewriting a file in place doe
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -184,23 +185,36 @@ def _inspect_class(args: tuple[str, list[str], bool]) -> tuple[dict[str, str], d
 # --------------------------------------------------------------------------------------------------- index
 
 def cache_dir(root: str | Path) -> Path:
-    """``<root>/.spnet`` when writable, else a per-root folder under $XDG_CACHE_HOME/spnet/data."""
-    root = Path(root).resolve()
+    """Where the index of ``root`` lives: $SPNET_DATA_INDEX_DIR/<hash of root> if set (e.g. a shared folder
+    for a read-only dataset used by several nodes), else ``<root>/.spnet`` when writable, else
+    $XDG_CACHE_HOME/spnet/data/<hash of root>."""
+    return Path(_cache_dir(str(Path(root).resolve()), os.environ.get("SPNET_DATA_INDEX_DIR", "")))
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_dir(root_s: str, shared: str) -> str:
+    root = Path(root_s)
+    if shared:
+        d = Path(shared) / hashlib.sha1(root_s.encode()).hexdigest()[:16]
+        d.mkdir(parents=True, exist_ok=True)
+        return str(d)
     own = root / ".spnet"
     try:
         own.mkdir(exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=own, prefix=".probe"):
             pass
-        return own
+        return str(own)
     except OSError:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        d = base / "spnet" / "data" / hashlib.sha1(str(root).encode()).hexdigest()[:16]
+        d = base / "spnet" / "data" / hashlib.sha1(root_s.encode()).hexdigest()[:16]
         d.mkdir(parents=True, exist_ok=True)
-        return d
+        return str(d)
 
 
 def _index_path(split_dir: Path) -> Path:
-    return cache_dir(split_dir.parent) / f"index-{split_dir.name}.json"
+    d = cache_dir(split_dir.parent)
+    d.mkdir(parents=True, exist_ok=True)  # (removed by hand while we run)
+    return d / f"index-{split_dir.name}.json"
 
 
 @contextlib.contextmanager
@@ -282,11 +296,18 @@ def _map(jobs: list, decode: bool, workers: int | None) -> list:
     files = sum(len(j[1]) for j in jobs)
     if decode and files > 400 and (workers or cores) > 1:
         import multiprocessing
+        import sys
         from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-        # decoding is CPU-bound: processes (spawn: safe after torch/DALI were imported)
-        with ProcessPoolExecutor(workers or cores, mp_context=multiprocessing.get_context("spawn")) as ex:
-            return list(ex.map(_inspect_class, jobs))
+        # PIL decoding holds the GIL: processes. fork is cheap but unsafe once torch/DALI started threads.
+        heavy = any(m in sys.modules for m in ("torch", "nvidia.dali"))
+        ctx = multiprocessing.get_context("spawn" if heavy else "fork")
+        try:
+            with ProcessPoolExecutor(workers or cores, mp_context=ctx) as ex:
+                return list(ex.map(_inspect_class, jobs, chunksize=max(1, len(jobs) // (8 * cores))))
+        except (BrokenProcessPool, OSError) as err:  # e.g. spawn cannot re-import an interactive __main__
+            log.warning("data: decoding in worker processes failed (%s); decoding in threads instead", err)
     with ThreadPoolExecutor(workers or min(32, 4 * cores)) as ex:  # sniffing is I/O-bound
         return list(ex.map(_inspect_class, jobs))
 

@@ -179,6 +179,8 @@ class DaliLoader:
         for batch in self._batches():
             b = batch[0]
             images, labels = b["data"], b["label"].reshape(-1).long()
+            if self.spec.layout == "HWC":  # N×H×W×C -> an N×C×H×W view: channels_last memory, no transpose
+                images = images.permute(0, 3, 1, 2)
             if self.spec.with_source_info:
                 yield images, labels, [bytes(t.tolist()).decode().rstrip("\x00") for t in b["source_info"]]
             else:

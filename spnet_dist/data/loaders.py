@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .check import check_classes_agree, check_layout, usable_files
-from .dali import DaliLoader, LoaderSpec
+from .dali import DaliLoader, LoaderSpec, resolve_decode
 
 __all__ = ["build_loader", "check_layout"]
 
@@ -25,5 +25,7 @@ def build_loader(cfg: Any, train: bool, shard_id: int, num_shards: int, checkpoi
                       shard_id=shard_id, num_shards=num_shards, train=train, crop=data.image_size,
                       val_resize=data.val_resize, num_threads=max(1, data.num_threads // max(1, local_world)),
                       seed=cfg.seed + (0 if train else 1), decode=data.decode, with_source_info=with_source_info,
+                      # GPU decode: HWC batches, handed out as channels_last NCHW views (saves a transpose)
+                      layout="HWC" if resolve_decode(data.decode) == "mixed" else "CHW",
                       file_list=listing, on_corrupt=on_corrupt)
     return DaliLoader(spec, checkpoint=checkpoint)

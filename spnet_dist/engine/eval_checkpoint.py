@@ -53,6 +53,7 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     model.load_state_dict(state["module"])
     loader = build_loader(cfg, train=False, shard_id=0, num_shards=1)
     metrics = evaluate(model, loader, cost_table(model, cfg.data.image_size), cfg.eval.execution)
-    return {**metrics, "checkpoint": str(find_model_file(paths[0]).parent), "steps": state[CLIENT_KEY]["step"],
-            "mlflow_run_id": state[CLIENT_KEY]["run_id"], "method": str(cfg.method.name),
+    progress = state[CLIENT_KEY]["progress"]
+    return {**metrics, "checkpoint": str(find_model_file(paths[0]).parent), "steps": progress["step"],
+            "mlflow_run_id": progress["run_id"], "method": str(cfg.method.name),
             "model": str(cfg.model.name), "execution": str(cfg.eval.execution)}

@@ -6,6 +6,8 @@ MLflow run id. DeepSpeed restores the module, the optimizer and the LR scheduler
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
@@ -65,7 +67,8 @@ def init_distributed() -> None:
                          ("MASTER_PORT", str(29500 + os.getpid() % 2000))):
         os.environ.setdefault(key, default)
     if not D.is_dist():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # GPU: NCCL for CUDA tensors, gloo for the small CPU-tensor collectives (stop flag, sync check, log scalars)
+        deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
 def run_name(cfg: Any) -> str:
@@ -144,6 +147,16 @@ def train(cfg: Any) -> dict[str, Any]:
     rank, world = D.rank(), D.world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(cfg.trainer.threads or max(1, (os.cpu_count() or 1) // local_world))
+    # GPU path (CUDA only; CPU runs keep their exact, bitwise-resumable behaviour): cuDNN autotuning, channels_last
+    # inputs (parameters stay NCHW for DeepSpeed; convolutions follow the input's memory format)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+    channels_last = (torch.cuda.is_available() if cfg.trainer.get("channels_last") is None
+                     else bool(cfg.trainer.channels_last))
+    # deepspeed.bf16_autocast: the engine autocasts the student forward; the method's teacher forward and losses
+    # run under the same autocast (the teacher's forward is a quarter of SP-Net's step)
+    amp = (functools.partial(torch.autocast, "cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+           if cfg.deepspeed.bf16_autocast else contextlib.nullcontext)
     seed_all(cfg.seed)
 
     # --- where do we start? (decided before building loaders: the DALI state is per rank)
@@ -167,6 +180,10 @@ def train(cfg: Any) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
     method = build_method(method_cfg, engine.module)
+    if cfg.trainer.get("compile"):  # after build_method: a deep copy of a compiled module would call the original
+        engine.compile()
+        if isinstance(getattr(method, "teacher", None), torch.nn.Module):
+            method.teacher.compile()
     table = cost_table(engine.module, cfg.data.image_size)
     seed_all(cfg.seed + 1000 * rank)  # per-rank Gumbel / dropout streams
 
@@ -204,7 +221,7 @@ def train(cfg: Any) -> dict[str, Any]:
     tags = {"method": str(cfg.method.name), "backbone": str(cfg.model.name),
             "target_rate": str(cfg.method.get("target_rate")), "world_size": str(world)}
     prog.run_id = tracker.start(prog.run_id, run_name(cfg), tags)
-    tracker.log_params(flatten(to_container(cfg)))
+    tracker.log_params(flatten(to_container(cfg)))  # the tracker masks secrets
     run_eval = getattr(method, "evaluate", None) or evaluate
 
     max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps and cfg.trainer.max_steps > 0 else math.inf
@@ -249,8 +266,11 @@ def train(cfg: Any) -> dict[str, Any]:
                            f"epoch {prog.epoch + 1}/{cfg.trainer.epochs}")
         stop = False
         for images, labels in train_loader:  # a restored loader yields only the rest of its epoch
+            # no copy for DALI's GPU output (HWC, already channels_last) nor for CPU batches (contiguous NCHW)
+            images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             out = engine(images)
-            loss, terms = method.loss(engine.module, images, labels, out)
+            with amp():
+                loss, terms = method.loss(engine.module, images, labels, out)
             engine.backward(loss)
             prog.step += 1
             prog.batch_in_epoch += 1
@@ -262,7 +282,9 @@ def train(cfg: Any) -> dict[str, Any]:
                 logged["train/lr"] = scheduler.get_last_lr()[0]
                 tracker.log_metrics(logged, step=prog.step, images_seen=images_seen)
             if bar:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", rate=f"{float(terms['exec_rate']):.2f}")
+                if prog.step % cfg.trainer.log_every == 0:  # the logged floats: no extra host sync per step
+                    bar.set_postfix(loss=f"{logged['train/loss']:.3f}",
+                                    rate=f"{logged.get('train/exec_rate', float('nan')):.2f}")
                 bar.update(1)
             if sync_every and prog.step % sync_every == 0:
                 check_in_sync(method, prog.step)

@@ -1,0 +1,297 @@
+"""Bad input on disk, through the real components: truncated JPEGs, a PNG and a CMYK JPEG named .JPEG (both in
+real ImageNet), 0-byte and non-image files, empty class folders, a val split missing a class — via the real CLI
+(`spnet check-data`, `spnet train`), the real DALI pipelines and the data checks."""
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import last_json, run_spnet, tiny_train_args
+from PIL import Image
+
+from spnet_dist.config import ConfigError, compose, validate
+from spnet_dist.data.check import DataError, class_dirs, quick_check, split_index
+from spnet_dist.data.dali import CorruptDataError
+from spnet_dist.data.loaders import build_loader
+from spnet_dist.data.tiny import make_tiny_imagenet
+
+CLASSES = 4
+# train: (class index, file name, kind); kinds are made by `bad_file`
+TRAIN_BAD = [(0, "trunc_body.JPEG", "truncated"), (0, "trunc_header.JPEG", "header"),
+             (2, "zero.JPEG", "empty"), (2, "notes.JPEG", "text"), (3, "anim.JPEG", "gif")]
+TRAIN_ODD = [(1, "cmyk.JPEG", "cmyk"), (1, "png_inside.JPEG", "png"), (3, "gray.JPEG", "gray")]
+VAL_BAD = [(3, "trunc_val.JPEG", "truncated")]
+
+
+def _photo(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((80, 60), Image.BILINEAR)
+
+
+def bad_file(path: Path, kind: str, seed: int = 0) -> None:
+    buf = io.BytesIO()
+    img = _photo(seed)
+    if kind in ("truncated", "header"):
+        img.save(buf, format="JPEG", quality=90)
+        data = buf.getvalue()
+        path.write_bytes(data[: len(data) // 2] if kind == "truncated" else data[:300])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not an image\n" * 20)
+    elif kind == "gif":
+        img.save(path, format="GIF")
+    elif kind == "cmyk":
+        img.convert("CMYK").save(path, format="JPEG", quality=90)
+    elif kind == "png":
+        img.save(path, format="PNG")
+    elif kind == "gray":
+        img.convert("L").save(path, format="JPEG")
+    else:
+        raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def clean_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clean") / "data"
+    make_tiny_imagenet(root, classes=CLASSES, train_per_class=10, val_per_class=4, size=40, seed=3)
+    return root
+
+
+@pytest.fixture()
+def data(clean_data, tmp_path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(clean_data, root)
+    return root
+
+
+def add(root: Path, split: str, files: list) -> list[Path]:
+    classes = class_dirs(root / split)
+    out = []
+    for i, (c, name, kind) in enumerate(files):
+        p = root / split / classes[c] / name
+        bad_file(p, kind, seed=i)
+        out.append(p)
+    return out
+
+
+def args(root: Path, tmp: Path, *extra: str) -> list[str]:
+    return [*tiny_train_args(root, tmp, *extra), "data.decode=cpu"]
+
+
+def test_check_data_names_every_bad_file_and_what_loads(data, tmp_path):
+    bad = add(data, "train", TRAIN_BAD) + add(data, "val", VAL_BAD)
+    odd = add(data, "train", TRAIN_ODD)
+    (data / "train" / class_dirs(data / "train")[0] / "README.txt").write_text("ignored")
+    proc = run_spnet("check-data", f"data.root={data}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    report = last_json(proc.stdout)  # the whole report arrives even though the check failed
+    assert proc.stdout.count("\n") == 1
+    assert not report["ok"]
+    found = {u["file"]: u["reason"] for s in ("train", "val") for u in report["splits"][s]["undecodable"]}
+    assert set(found) == {str(p) for p in bad}
+    by_name = {Path(f).name: r for f, r in found.items()}
+    assert by_name["trunc_body.JPEG"].startswith("truncated JPEG (OSError: image file is truncated")
+    assert by_name["trunc_header.JPEG"].startswith("truncated JPEG")
+    assert by_name["zero.JPEG"] == "empty file (0 bytes)"
+    assert by_name["notes.JPEG"].startswith("not an image (starts with b'this is ")
+    assert by_name["anim.JPEG"].startswith("GIF image: DALI cannot decode GIF")
+    assert by_name["trunc_val.JPEG"].startswith("truncated JPEG")
+    notes = {Path(n["file"]).name: n["note"] for n in report["splits"]["train"]["loads_with_notes"]}
+    assert notes == {"cmyk.JPEG": "CMYK JPEG (loads; DALI converts it to RGB)",
+                     "png_inside.JPEG": "PNG data in a .JPEG file (loads)"}
+    assert {Path(p).name for p in report["splits"]["train"]["ignored_files"]} == {"README.txt"}
+    assert report["splits"]["train"]["images"] == CLASSES * 10 + len(TRAIN_BAD) + len(odd)
+    assert report["splits"]["train"]["usable_images"] == CLASSES * 10 + len(odd)
+    assert report["splits"]["val"]["per_class"][class_dirs(data / "val")[3]] == 5
+    # stderr: one line per problem, then the notes; every undecodable file named there too
+    problems = [ln for ln in proc.stderr.splitlines() if ln.startswith("spnet check-data: problem:")]
+    assert len(problems) == 2 and "train: 5 undecodable file(s)" in problems[0]
+    assert "trunc_val.JPEG" in problems[1]
+
+
+def test_dali_decodes_cmyk_png_and_gray_named_jpeg_like_pil(data):
+    from nvidia.dali import fn, pipeline_def, types
+
+    odd = add(data, "train", TRAIN_ODD)
+
+    @pipeline_def
+    def pipe():
+        jpegs, _ = fn.readers.file(files=[str(p) for p in odd], name="R")
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+
+    p = pipe(batch_size=len(odd), num_threads=1, device_id=None)
+    p.build()
+    (images,) = p.run()
+    for i, path in enumerate(odd):
+        want = np.asarray(Image.open(path).convert("RGB"))
+        got = np.asarray(images[i])
+        assert got.shape == want.shape
+        assert np.abs(got.astype(int) - want).mean() < 1.0, path.name
+
+
+def _loader_files(cfg, train: bool) -> list[tuple[str, int]]:
+    loader = build_loader(cfg, train=train, shard_id=0, num_shards=1, with_source_info=True)
+    return [(f, int(label)) for _, labels, files in loader for f, label in zip(files, labels)]
+
+
+def test_training_loaders_leave_out_bad_files_and_keep_labels(data, caplog):
+    bad = add(data, "train", TRAIN_BAD) + add(data, "val", VAL_BAD)
+    add(data, "train", TRAIN_ODD)
+    cfg = compose([f"data.root={data}", "trainer.batch_size=1", "data.image_size=32", "data.val_resize=36",
+                   "data.decode=cpu"])
+    classes = class_dirs(data / "train")
+    with caplog.at_level(logging.WARNING, logger="spnet.data"):
+        val = _loader_files(cfg, train=False)
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "leaving out 1 undecodable image file(s)" in warning and "trunc_val.JPEG" in warning
+    good_val = {f"{c}/{p.name}" for c in classes for p in (data / "val" / c).iterdir()} - {
+        f"{p.parent.name}/{p.name}" for p in bad}
+    assert sorted(f for f, _ in val) == sorted(good_val)  # each good val image exactly once, no bad one
+    train = _loader_files(cfg, train=True)
+    good_train = {f"{c}/{p.name}" for c in classes for p in (data / "train" / c).iterdir()} - {
+        f"{p.parent.name}/{p.name}" for p in bad}
+    assert sorted(f for f, _ in train) == sorted(good_train)  # CMYK, PNG-in-JPEG and gray included
+    for f, label in train + val:  # the label is still the folder's index in the full class list
+        assert label == classes.index(f.split("/")[0]), f
+
+
+def test_on_corrupt_fail_stops_before_training_naming_the_files(data, tmp_path):
+    bad = add(data, "train", TRAIN_BAD)
+    proc = run_spnet(*args(data, tmp_path, "data.on_corrupt=fail"), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"spnet train: error: {len(bad)} undecodable image file(s) in {data / 'train'} "
+                               f"(data.on_corrupt=fail): ")
+    for p in bad:
+        assert str(p) in lines[0]
+    assert lines[0].endswith("Replace or delete them, or set data.on_corrupt=skip to train without them")
+    assert not (tmp_path / "ckpt").exists()  # no work started
+
+
+def test_on_corrupt_skip_trains_and_names_the_skipped_files(data, tmp_path):
+    bad = add(data, "train", TRAIN_BAD[:2]) + add(data, "val", VAL_BAD)
+    add(data, "train", TRAIN_ODD[:2])
+    proc = run_spnet(*args(data, tmp_path, "trainer.batch_size=8"), cwd=tmp_path)
+    summary = last_json(proc.stdout)
+    assert summary["val_images"] == CLASSES * 4 and summary["steps"] == (CLASSES * 10 + 2) // 8
+    warnings = [ln for ln in proc.stderr.splitlines() if "leaving out" in ln]
+    assert any("2 undecodable image file(s)" in w and str(bad[0]) in w and str(bad[1]) in w for w in warnings)
+    assert any("1 undecodable image file(s)" in w and str(bad[2]) in w for w in warnings)
+    assert "Traceback" not in proc.stderr and "Critical error in pipeline" not in proc.stderr
+
+
+def test_a_file_dali_fails_on_at_run_time_is_named_and_recorded(data):
+    """data.scan=off: no pre-scan, so DALI meets the truncated file itself; the error names it."""
+    (bad,) = add(data, "val", VAL_BAD)
+    cfg = compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
+                   "data.decode=cpu", "data.scan=off", "data.on_corrupt=fail"])
+    with pytest.raises(CorruptDataError) as err:
+        _loader_files(cfg, train=False)
+    assert str(err.value) == (f"DALI could not decode {bad} (the decoder failed: truncated or corrupt image data); "
+                              f"replace or delete the file, or set data.on_corrupt=skip")
+    cfg = compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
+                   "data.decode=cpu", "data.scan=off", "data.on_corrupt=skip"])
+    with pytest.raises(CorruptDataError, match=f"DALI could not decode {bad} .*now listed as bad in"):
+        _loader_files(cfg, train=False)
+    idx = split_index(data / "val")
+    assert f"{bad.parent.name}/{bad.name}" in idx["runtime_bad"]
+    # the next run (default scan) leaves it out: every other val image, exactly once
+    cfg = compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
+                   "data.decode=cpu"])
+    assert len(_loader_files(cfg, train=False)) == CLASSES * 4
+
+
+def test_an_error_dali_does_not_attribute_points_to_check_data(data):
+    add(data, "val", [(3, "hdr.JPEG", "header")])
+    cfg = compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
+                   "data.decode=cpu", "data.scan=off"])
+    with pytest.raises(CorruptDataError, match=r"does not say which; run `spnet check-data data.root="):
+        _loader_files(cfg, train=False)
+
+
+def test_missing_val_class_fails_before_training_with_one_line(data, tmp_path):
+    missing = class_dirs(data / "val")[2]
+    shutil.rmtree(data / "val" / missing)
+    proc = run_spnet(*args(data, tmp_path), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith(f"spnet train: error: data.root='{data}': val has no folder for 1 of the 4 train "
+                               f"classes ({missing}).")
+    # the loaders refuse too (eval builds only the val loader)
+    cfg = compose([f"data.root={data}", "data.image_size=32", "data.val_resize=36"])
+    with pytest.raises(DataError, match="labels would not match"):
+        build_loader(cfg, train=False, shard_id=0, num_shards=1)
+
+
+def test_empty_and_hidden_class_folders_and_class_count(data, tmp_path):
+    cfg = compose([f"data.root={data}", f"model.num_classes={CLASSES}"])
+    quick_check(cfg.data, CLASSES)  # clean: fine
+    with pytest.raises(DataError, match=rf"model.num_classes=10 but data.root='{data}' has {CLASSES} classes .*"
+                                        rf"set model.num_classes={CLASSES}"):
+        quick_check(cfg.data, 10)
+    with pytest.raises(DataError, match=r"trainer.batch_size=64 is too large: 1 rank\(s\) x 64 = 64 images per step"
+                                        r", but .* has 40 usable training images"):
+        quick_check(cfg.data, CLASSES, batch_size=64)
+    for split in ("train", "val"):
+        (data / split / "n09999999").mkdir()
+    (data / "val" / "n09999999" / "x.JPEG").write_bytes((data / "val").joinpath(
+        class_dirs(data / "val")[0]).iterdir().__next__().read_bytes())
+    with pytest.raises(DataError, match=r"1 class folder\(s\) without usable images: train/n09999999"):
+        quick_check(cfg.data, CLASSES + 1)
+    shutil.rmtree(data / "train" / "n09999999")
+    shutil.rmtree(data / "val" / "n09999999")
+    for split in ("train", "val"):
+        shutil.copytree(data / split / class_dirs(data / split)[0], data / split / ".ipynb_checkpoints")
+    with pytest.raises(DataError, match=r"hidden folder\(s\) .ipynb_checkpoints .* taken as classes by DALI"):
+        quick_check(cfg.data, CLASSES + 1)
+
+
+def test_class_count_mismatch_via_the_cli(data, tmp_path):
+    proc = run_spnet(*[a for a in args(data, tmp_path) if not a.startswith("model.num_classes")],
+                     cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"spnet train: config error: model.num_classes=10 but data.root='{data}' has {CLASSES} classes (folders in "
+        f"train/); set model.num_classes={CLASSES}"]
+
+
+def test_quick_check_is_cached_and_sees_new_files(data):
+    cfg = compose([f"data.root={data}"])
+    idx = quick_check(cfg.data, CLASSES)
+    c0 = class_dirs(data / "train")[0]
+    assert idx["train"]["counts"][c0] == 10
+    (data / "train" / c0 / "new.JPEG").write_bytes(next((data / "train" / c0).iterdir()).read_bytes())
+    assert quick_check(cfg.data, CLASSES)["train"]["counts"][c0] == 11  # the index notices the folder changed
+
+
+def test_validate_runs_the_data_check_for_train(data):
+    cfg = compose([f"data.root={data}", "model.num_classes=3"])
+    with pytest.raises(ConfigError, match=r"^model.num_classes=3 but data.root="):
+        validate(cfg)
+    validate(compose([f"data.root={data}", f"model.num_classes={CLASSES}"]))
+
+
+def test_full_decode_of_many_files_runs_in_worker_processes(tmp_path, caplog):
+    """check-data's decode level on > 400 files uses a process pool (PIL holds the GIL); results are the same."""
+    from spnet_dist.data.check import build_index
+
+    split = tmp_path / "data" / "train"
+    good = io.BytesIO()
+    _photo(1).save(good, format="JPEG")
+    for c in range(3):
+        (split / f"n0000000{c}").mkdir(parents=True)
+        for i in range(150):
+            (split / f"n0000000{c}" / f"{i}.JPEG").write_bytes(good.getvalue())
+    bad_file(split / "n00000001" / "cut.JPEG", "truncated")
+    with caplog.at_level(logging.WARNING, logger="spnet.data"):
+        idx = build_index(split, "decode", workers=2)
+    assert not caplog.records  # no fallback to threads
+    assert sum(idx["counts"].values()) == 451
+    assert list(idx["bad"]) == ["n00000001/cut.JPEG"] and idx["bad"]["n00000001/cut.JPEG"].startswith("truncated JPEG")
