@@ -343,12 +343,12 @@ CHOICES: dict[str, tuple] = {
     "model.block": ("bottleneck", "basic"),
     "model.stem": ("imagenet", "cifar"),
     "model.variant": ("v1", "v1.5"),
-    "method.name": ("aig", "spnet"),
+    "method.name": ("aig", "spnet", "rdinet", "boostnet"),
     "method.rate_loss": ("one_sided", "two_sided"),
     "method.evo_form": ("consecutive", "official"),
     "method.teacher_mode": ("train", "eval"),
     "method.teacher_buffers": ("copy", "ema", "own"),
-    "method.router.type": ("aig", "spnet", "none"),
+    "method.router.type": ("aig", "spnet", "relational", "none"),
 }
 _WHY = {"deepspeed.stage": " (ZeRO stage 3 is not available; deepspeed=zero0|zero1|zero2 set it)"}
 

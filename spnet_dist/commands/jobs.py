@@ -14,14 +14,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folder", help="the folder given to spnet submit (default: $SPNET_SUBMIT_DIR, else "
                                     "outputs/slurm)")
     sub = p.add_subparsers(dest="action")
-    ls = sub.add_parser("list", help="jobs with their SLURM state (newest last)")
+    folder = argparse.ArgumentParser(add_help=False)  # --folder also after the action: `spnet jobs tail --folder X`
+    folder.add_argument("--folder", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ls = sub.add_parser("list", help="jobs with their SLURM state (newest last)", parents=[folder])
     ls.add_argument("-n", type=int, default=20, help="show the newest N jobs (0: all)")
     ls.add_argument("--json", action="store_true", help="one JSON object instead of a table")
-    st = sub.add_parser("status", help="state, restarts, requeue history, checkpoints, MLflow run, result")
+    st = sub.add_parser("status", help="state, restarts, requeue history, checkpoints, MLflow run, result",
+                        parents=[folder])
     st.add_argument("job_id", nargs="?")
-    cc = sub.add_parser("cancel", help="scancel the job (no requeue; its checkpoints stay)")
+    cc = sub.add_parser("cancel", help="scancel the job (no requeue; its checkpoints stay)", parents=[folder])
     cc.add_argument("job_id", nargs="?")
-    tl = sub.add_parser("tail", help="the end of a task's submitit stdout/stderr logs")
+    tl = sub.add_parser("tail", help="the end of a task's submitit stdout/stderr logs", parents=[folder])
     tl.add_argument("job_id", nargs="?")
     tl.add_argument("-n", type=int, default=40, help="lines per file")
     tl.add_argument("--task", type=int, default=0, help="task (global rank); default 0")

@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -453,23 +453,26 @@ def _bad_in(idx: dict, c: str) -> int:
 _warned: set[tuple] = set()
 
 
-def usable_files(split_dir: str | Path, scan: str, on_corrupt: str) -> tuple[str | None, dict[str, str]]:
+def usable_files(split_dir: str | Path, scan: str, on_corrupt: str,
+                 exclude: Collection[str] = ()) -> tuple[str | None, dict[str, str]]:
     """(DALI file_list or None, {file: reason} left out) for a split, by ``data.scan`` / ``data.on_corrupt``.
 
     ``scan=off``: no index, the reader lists the folder itself (None, {}). Otherwise the cached index at that
     level; with ``on_corrupt=fail`` any undecodable file raises DataError naming it, with ``skip`` they are left
-    out and a warning names them."""
+    out and a warning names them. ``exclude`` (``<class>/<file>`` paths, e.g. BoostNet's held-out split) is
+    left out as well, labels unchanged."""
     if scan not in SCAN_CHOICES:
         raise DataError(f"data.scan={scan!r} is not valid; choose one of {', '.join(SCAN_CHOICES)}")
     if on_corrupt not in ON_CORRUPT_CHOICES:
         raise DataError(f"data.on_corrupt={on_corrupt!r} is not valid; choose one of {', '.join(ON_CORRUPT_CHOICES)}")
-    if scan == "off":
+    if scan == "off" and not exclude:
         return None, {}
     split_dir = Path(split_dir)
-    idx = split_index(split_dir, scan)
+    idx = split_index(split_dir, scan if scan != "off" else "quick")
     bad = idx["bad"]
+    held = {f: "excluded (held out)" for f in exclude}
     if not bad:
-        return None, {}
+        return (file_list(split_dir, {**idx, "bad": held}) if held else None), {}
     shown = "; ".join(f"{split_dir / k}: {v}" for k, v in sorted(bad.items())[:SHOW])
     more = f"; and {len(bad) - SHOW} more (all listed in {_index_path(split_dir)})" if len(bad) > SHOW else ""
     if on_corrupt == "fail":
@@ -480,7 +483,7 @@ def usable_files(split_dir: str | Path, scan: str, on_corrupt: str) -> tuple[str
         _warned.add(key)
         log.warning("data: leaving out %d undecodable image file(s) of %s (data.on_corrupt=skip): %s%s",
                     len(bad), split_dir, shown, more)
-    return file_list(split_dir, idx), bad
+    return file_list(split_dir, {**idx, "bad": {**bad, **held}}), bad
 
 
 # ------------------------------------------------------------------------------------------ check-data report

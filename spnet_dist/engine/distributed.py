@@ -24,6 +24,13 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the current GPU for nccl, the CPU for gloo."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def global_mean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Mean of ``x`` over ``dim`` taken across the *global* batch of all ranks, differentiably.
 

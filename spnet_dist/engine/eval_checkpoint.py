@@ -37,7 +37,7 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
 def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     from ..data.loaders import build_loader
-    from ..methods import prepare_method_cfg
+    from ..methods import build_method, prepare_method_cfg
     from ..models import build_model, cost_table
     from .evaluate import evaluate
 
@@ -49,10 +49,14 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     cfg = OmegaConf.create(state[CLIENT_KEY]["config"])
     OmegaConf.set_struct(cfg, True)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
-    model = build_model(cfg.model, prepare_method_cfg(cfg.method, cfg.model))
+    method_cfg = prepare_method_cfg(cfg.method, cfg.model)
+    model = build_model(cfg.model, method_cfg)
     model.load_state_dict(state["module"])
+    method = build_method(method_cfg, model)
+    method.load_state_dict(state[CLIENT_KEY]["method"])
+    run_eval = getattr(method, "evaluate", None) or evaluate  # e.g. BoostNet's anytime / budgeted evaluation
     loader = build_loader(cfg, train=False, shard_id=0, num_shards=1)
-    metrics = evaluate(model, loader, cost_table(model, cfg.data.image_size), cfg.eval.execution)
+    metrics = run_eval(method.eval_model(model), loader, cost_table(model, cfg.data.image_size), cfg.eval.execution)
     progress = state[CLIENT_KEY]["progress"]
     return {**metrics, "checkpoint": str(find_model_file(paths[0]).parent), "steps": progress["step"],
             "mlflow_run_id": progress["run_id"], "method": str(cfg.method.name),

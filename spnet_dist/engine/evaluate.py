@@ -19,14 +19,16 @@ def evaluate(model: torch.nn.Module, loader: Iterable, table: Any, execution: st
     if hasattr(model, "set_execution"):
         model.set_execution(execution)
     sums = None
+    device = next(model.parameters()).device
     for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         out = model(images)
         top5 = out.logits.topk(min(5, out.logits.shape[1]), dim=1).indices
         correct1 = (top5[:, 0] == labels).sum()
         correct5 = (top5 == labels[:, None]).any(dim=1).sum()
         macs = macs_per_image(table, out.gates).sum()
         row = torch.cat([torch.stack([correct1, correct5]).double(), macs.double().view(1),
-                         torch.tensor([labels.numel()], dtype=torch.float64), out.gates.double().sum(0)])
+                         torch.tensor([labels.numel()], dtype=torch.float64, device=device), out.gates.double().sum(0)])
         sums = row if sums is None else sums + row
     if hasattr(model, "set_execution"):
         model.set_execution("dense")

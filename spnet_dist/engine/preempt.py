@@ -40,7 +40,7 @@ def requested_signal() -> int | None:
 
 def should_stop() -> bool:
     """True on every rank as soon as any rank received a stop signal (collective on multi-rank runs)."""
-    flag = torch.tensor([1.0 if _requested else 0.0])
+    flag = torch.tensor([1.0 if _requested else 0.0], device=D.comm_device())
     if D.is_dist() and D.world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)

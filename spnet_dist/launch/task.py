@@ -208,6 +208,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
                             signal=signal.Signals(sig).name if sig else None,
                             mlflow_run_id=summary.get("mlflow_run_id"))
             log(msg)
+            barrier()
             raise SystemExit(EXIT_PREEMPTED)
         if rank == 0:
             reason = self._reason(raw_id, t0)

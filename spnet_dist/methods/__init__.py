@@ -1,4 +1,4 @@
-"""Training objectives of dynamic-inference methods (ConvNet-AIG, SP-Net) and their shared losses.
+"""Training objectives of dynamic-inference methods (ConvNet-AIG, SP-Net, RDI-Net, BoostNet) and their shared losses.
 
 Trainer usage::
 
@@ -10,9 +10,11 @@ Trainer usage::
     out = model(images)
     loss, logs = method.loss(model, images, labels, out)
 """
-from . import aig, spnet  # noqa: F401  (registration)
+from . import aig, boostnet, rdinet, spnet  # noqa: F401  (registration)
 from .aig import ConvNetAIG, gate_mask_for
 from .base import METHODS, GatedMethod, Method, build_method, prepare_method_cfg, register_method, unwrap_model
+from .boostnet import BoostNet
+from .rdinet import RDINet
 from .spnet import SPNet
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "GatedMethod",
     "ConvNetAIG",
     "SPNet",
+    "RDINet",
+    "BoostNet",
     "build_method",
     "prepare_method_cfg",
     "register_method",

@@ -7,6 +7,10 @@ teacher). The trainer owns the model, optimizer and data; per iteration it does:
     loss, logs = method.loss(model, images, labels, out)  # method-specific objective (may run a teacher forward)
     loss.backward(); optimizer.step()
 
+Optional hooks the trainer calls when a method defines them: ``on_epoch_start(epoch)`` before every (possibly
+resumed) epoch (RDI-Net: uniform-sampling warm-up phase), and ``evaluate(model, loader, table, execution) -> dict``
+instead of ``engine.evaluate.evaluate`` (RDI-Net: + skip/light/full rates; BoostNet: anytime and budgeted batch).
+
 Construction order expected from the trainer (see ``prepare_method_cfg``)::
 
     method_cfg = prepare_method_cfg(method_cfg, model_cfg)   # fills method-derived model keys (e.g. AIG gate_mask)

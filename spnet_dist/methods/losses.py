@@ -27,6 +27,12 @@ __all__ = [
     "path_distill",
     "evolution_loss",
     "head_weights_for",
+    "cost_loss",
+    "histogram_features",
+    "pairwise_l2",
+    "srm_triplets",
+    "rank_loss",
+    "boosted_ce",
 ]
 
 
@@ -167,3 +173,109 @@ def evolution_loss(features: Sequence[Tensor], form: str = "consecutive") -> Ten
     else:
         raise ValueError(f"unknown evo_form {form!r} (expected 'consecutive' or 'official')")
     return torch.stack(terms).sum()
+
+
+# ---------------------------------------------------------------------------------------------- RDI-Net (§4.c)
+def cost_loss(
+    rates: Tensor, target: float | Sequence[float] | Tensor, gated_mask: Sequence[bool] | Tensor | None
+) -> Tensor:
+    """RDI-Net cost loss, paper Eq. 15: ``Σ_n (v_n − t_n)²`` over gated blocks (a *sum*, not a mean).
+
+    ``rates`` are the relaxed per-block executions v_n (for RDI-Net: the batch mean of the executed fraction of the
+    block's MACs, ``models/rdinet.py``). Equals ``L · rate_loss(..., one_sided=False)``.
+    """
+    return rate_loss(rates, target, gated_mask, one_sided=False) * rates.numel()
+
+
+def histogram_features(
+    images: Tensor, bins: int = 32, value_range: tuple[float, float] = (-2.2, 2.7)
+) -> Tensor:
+    """SRM mapping H (paper Eq. 10, "histogram statistics"): per-channel intensity histograms of each image,
+    ``bins`` bins over the fixed ``value_range`` of the *normalised* input (values outside are clamped into the
+    end bins), each channel's histogram normalised to sum 1, concatenated → B×(C·bins). No gradient.
+
+    The default range covers ImageNet mean/std normalisation of [0, 255] images ([-2.12, 2.64]).
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    lo, hi = float(value_range[0]), float(value_range[1])
+    if not hi > lo:
+        raise ValueError(f"value_range must be increasing, got {value_range}")
+    with torch.no_grad():
+        x = images.detach().float().flatten(2)  # B×C×HW
+        idx = ((x - lo) / (hi - lo) * bins).floor().clamp_(0, bins - 1).long()
+        hist = torch.zeros(*x.shape[:2], bins, device=x.device, dtype=torch.float32)
+        hist.scatter_add_(2, idx, torch.ones_like(x))
+        hist /= x.shape[2]
+    return hist.flatten(1)
+
+
+def pairwise_l2(x: Tensor, eps: float = 0.0) -> Tensor:
+    """B×B Euclidean distances ``‖x_i − x_j‖₂`` (rows of x flattened); ``eps`` inside the square root keeps the
+    gradient finite for identical rows."""
+    x = x.flatten(1)
+    diff = x.unsqueeze(1) - x.unsqueeze(0)
+    return (diff.pow(2).sum(-1) + eps).sqrt()
+
+
+def srm_triplets(dist: Tensor, tie_tol: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
+    """SRM triplet sampling, paper Eq. 11–12: ``M = argsort(D)`` row-wise (ascending); for anchor i the sample
+    itself is rank 1 and every two *adjacent* ranks (j, j+1), j = 2..L−1, form a triplet (anchor, positive = M_ij,
+    negative = M_i,j+1): L−2 triplets per anchor.
+
+    Near-ties are ignored (paper §4.1): a triplet is dropped when ``D[i, neg] − D[i, pos] ≤ tie_tol · D[i, neg]``
+    (relative tolerance; exact ties always drop). The anchor is forced to rank 1 even if another sample is at
+    distance 0. Returns index tensors (anchor, positive, negative) of the kept triplets.
+    """
+    d = dist.detach()
+    n = d.shape[0]
+    if d.shape != (n, n):
+        raise ValueError(f"distance matrix must be square, got {tuple(d.shape)}")
+    if n < 3:
+        empty = torch.zeros(0, dtype=torch.long, device=d.device)
+        return empty, empty, empty
+    d = d.clone()
+    d.fill_diagonal_(float("-inf"))
+    order = torch.argsort(d, dim=1, stable=True)[:, 1:]  # ranks 2..L (self removed)
+    pos, neg = order[:, :-1], order[:, 1:]
+    anchor = torch.arange(n, device=d.device).unsqueeze(1).expand_as(pos)
+    d_pos, d_neg = dist.detach().gather(1, pos), dist.detach().gather(1, neg)
+    keep = (d_neg - d_pos) > tie_tol * d_neg
+    return anchor[keep], pos[keep], neg[keep]
+
+
+def rank_loss(
+    paths: Tensor, anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 0.5,
+    reduction: str = "mean",
+) -> Tensor:
+    """SRM ranking loss, paper Eq. 12: ``[‖P_a − P_p‖₂ − ‖P_a − P_n‖₂ + φ]₊`` over the given triplets.
+
+    ``paths`` is B×(anything) (flattened per sample). ``reduction``: ``mean`` over the kept triplets (default, so that
+    α does not scale with the batch size), or ``sum`` (the literal Eq. 12 double sum). 0 (with a graph) if no triplet.
+    """
+    p = paths.flatten(1)
+    if anchor.numel() == 0:
+        return p.sum() * 0.0
+    eps = 1e-12
+    d_ap = ((p[anchor] - p[positive]).pow(2).sum(-1) + eps).sqrt()
+    d_an = ((p[anchor] - p[negative]).pow(2).sum(-1) + eps).sqrt()
+    hinge = F.relu(d_ap - d_an + margin)
+    if reduction == "mean":
+        return hinge.mean()
+    if reduction == "sum":
+        return hinge.sum()
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+# ---------------------------------------------------------------------------------------------- BoostNet (§6.c)
+def boosted_ce(
+    head_logits: Sequence[Tensor], labels: Tensor, t: float = 0.5, weights: Sequence[float] | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """BoostNet loss ``Σ_n w_n · CE(f_n + stopgrad(t·F_{n−1}), y)`` with F_1 = f_1, F_n = f_n + t·F_{n−1}
+    (spec §6.b–c, paper Eq. 6; w_n = 1 by default). Returns ``(total, [per-exit CE])``."""
+    from spnet_dist.models.boostnet import ensemble_logits
+
+    boosted = ensemble_logits(head_logits, t, detach_previous=True)
+    w = head_weights_for(len(boosted), weights)
+    per_exit = [F.cross_entropy(z, labels) for z in boosted]
+    return sum(wk * ce for wk, ce in zip(w, per_exit)), per_exit

@@ -5,12 +5,14 @@ The "dynamic auxiliary module" is a momentum (EMA) copy of the whole student (§
 
 1. EMA update ``θ_t ← m·θ_t + (1−m)·θ_s`` with the student parameters *before* this iteration's optimizer step
    (``loss()`` runs after the student forward and before backward/step), fused ``torch._foreach_mul_/_foreach_add_``;
-2. teacher forward on the same images under ``torch.no_grad()`` — train mode by default (``teacher_mode: train``:
-   batch-statistics BN, router dropout, Gumbel noise, as in the official code), or eval mode;
+2. teacher forward on the same images under ``torch.inference_mode()`` — train mode by default (``teacher_mode:
+   train``: batch-statistics BN, router dropout, Gumbel noise, as in the official code), or eval mode;
 3. ``L = L_cls + λ·L_rate + w_logits·L_logits + w_path·L_path + w_evo·L_evo`` (§5.c).
 
-``no_grad`` rather than ``inference_mode``: the teacher outputs are used as MSE targets, and inference tensors
-cannot be saved for the student's backward.
+``inference_mode`` rather than ``no_grad`` (no autograd bookkeeping, no version counters); inference tensors cannot
+be saved for the student's backward, and the MSE targets are, so the two small outputs the losses read (final
+logits, router logits) are cloned into normal tensors; the other fields stay inference tensors (read-only use only).
+Same kernels, same RNG draws: the values are bitwise those of a ``no_grad`` forward.
 
 Gradient accumulation: the EMA runs once per ``loss()`` call (micro-batch). The student weights do not change between
 micro-batches, so k calls per optimizer step equal one update with momentum m^k; set ``ema_momentum = m**(1/k)`` to get
@@ -26,6 +28,7 @@ supported (shapes are checked); ZeRO 0–2 are fine. The teacher lives on every 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -115,6 +118,7 @@ class SPNet(GatedMethod):
         """The teacher's parameters: every rank applies the same EMA to the same student weights."""
         return self._t_params
 
+    @torch.no_grad()  # no autograd dispatch, and the student parameters need no per-tensor detach()
     def ema_update(self, model: torch.nn.Module) -> None:
         """θ_t ← m·θ_t + (1−m)·θ_s for every parameter (fused foreach), then the buffer policy:
 
@@ -128,7 +132,7 @@ class SPNet(GatedMethod):
         """
         student = unwrap_model(model)
         self._follow_placement(student)
-        s_params = [p.detach() for p in student.parameters()]
+        s_params = list(student.parameters())
         if len(s_params) != len(self._t_params):
             raise RuntimeError("student parameter list changed since the teacher was created")
         m = self.momentum
@@ -154,10 +158,16 @@ class SPNet(GatedMethod):
             torch._foreach_mul_(float_t, m)
             torch._foreach_add_(float_t, float_s, alpha=1.0 - m)
 
+    teacher_inference_mode = True  # False: plain no_grad forward (tools/bench_step.py compares both)
+
     def teacher_forward(self, images: Tensor) -> "ModelOutput":
         self.teacher.train(self.teacher_mode == "train")
-        with torch.no_grad():
-            return self.teacher(images)
+        if not self.teacher_inference_mode:
+            with torch.no_grad():
+                return self.teacher(images)
+        with torch.inference_mode():
+            out = self.teacher(images)
+        return dataclasses.replace(out, logits=out.logits.clone(), gate_logits=out.gate_logits.clone())
 
     # ------------------------------------------------------------------ objective
     def _loss(

@@ -6,11 +6,19 @@ cost(x) = fixed + Σ_b z_b(x)·blocks[b] (+ heads), with
   heads  = SP-Net auxiliary alignment layers + stage classifiers (training-time only, counted separately).
 Per-layer MACs come from forward hooks on Conv2d/Linear during one dense forward with all gates open:
 Conv2d k_h·k_w·C_in/groups·C_out·H_out·W_out, Linear C_in·C_out (biases, BN, ReLU, pooling not counted).
+
+Finer views of the same count (for peer methods):
+  block_layers  per block, MACs of each residual-branch layer (RDI-Net light path = conv1 + conv3 of a bottleneck,
+                conv1 of a basic block: ``option_fractions``);
+  block_fixed   per block, the always-executed part (projection shortcut + router);
+  head_macs     per auxiliary head k (alignment + classifier of stage k);
+  ``exit_macs`` cumulative MACs per image up to each stage's exit, earlier exits' heads included (BoostNet).
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +41,9 @@ class CostTable:
     gated: list[bool] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)
     variant: str = ""
+    block_layers: list[dict[str, float]] = field(default_factory=list)  # per block: {layer name in block: MACs}
+    block_fixed: list[float] = field(default_factory=list)  # per block: projection + router (always run)
+    head_macs: list[float] = field(default_factory=list)    # per auxiliary head (stage k < last): align + fc
 
     def full(self, include_heads: bool = False) -> float:
         """MACs per image with every block executed."""
@@ -58,6 +69,51 @@ def macs_per_image(table: CostTable, gates: torch.Tensor, include_heads: bool = 
     blocks = torch.tensor(table.blocks, dtype=torch.float64, device=gates.device)
     extra = table.fixed + (table.heads if include_heads else 0.0)
     return gates.to(torch.float64) @ blocks + extra
+
+
+def option_fractions(table: CostTable, layers: Sequence[Sequence[str]]) -> list[float]:
+    """Per block, the MACs of the named residual-branch layers as a fraction of the block's branch MACs.
+
+    ``layers[b]`` names layers inside block b (e.g. ``("conv1", "conv3")``); used for RDI-Net's light path so
+    that a gate value equal to this fraction makes ``macs_per_image`` count the light path exactly.
+    """
+    if len(layers) != len(table.blocks):
+        raise ValueError(f"{len(layers)} layer lists for {len(table.blocks)} blocks")
+    out = []
+    for b, names in enumerate(layers):
+        missing = [n for n in names if n not in table.block_layers[b]]
+        if missing:
+            raise ValueError(f"block {table.block_names[b]} has no layer(s) {missing}; "
+                             f"known: {sorted(table.block_layers[b])}")
+        out.append(sum(table.block_layers[b][n] for n in names) / table.blocks[b] if table.blocks[b] else 0.0)
+    return out
+
+
+def exit_macs(table: CostTable) -> list[float]:
+    """Cumulative MACs per image of an early-exit network with one exit per stage (BoostNet), full blocks.
+
+    Exit k (0-based) = stem + every block of stages ≤ k (branch + projection + router) + heads 0..k, where the
+    last stage's head is the final classifier. So ``exit_macs(t)[-1] == t.full(include_heads=True)``: an image
+    that reaches the last exit has paid for every earlier exit's head (spec §6.f).
+    """
+    stages: list[str] = []
+    for name in table.block_names:
+        s = name.split(".")[0]
+        if s not in stages:
+            stages.append(s)
+    n_exits = len(stages)
+    if len(table.head_macs) != n_exits - 1:
+        raise ValueError(f"cost table has {len(table.head_macs)} auxiliary heads; an exit per stage needs "
+                         f"{n_exits - 1} (build the model with multi_stage_heads)")
+    per_stage = [0.0] * n_exits
+    for name, branch, fixed in zip(table.block_names, table.blocks, table.block_fixed):
+        per_stage[stages.index(name.split(".")[0])] += branch + fixed
+    heads = list(table.head_macs) + [table.breakdown.get("classifier", 0.0)]
+    out, acc = [], table.breakdown.get("stem", 0.0)
+    for k in range(n_exits):
+        acc += per_stage[k] + heads[k]
+        out.append(acc)
+    return out
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -121,16 +177,30 @@ def cost_table(model: nn.Module, image_size: int | tuple[int, int] | None = None
     names = list(m.block_names)
     acc = {"stem": 0.0, "projections": 0.0, "routers": 0.0, "classifier": 0.0, "heads": 0.0}
     blocks = [0.0] * len(names)
+    block_layers: list[dict[str, float]] = [{} for _ in names]
+    block_fixed = [0.0] * len(names)
+    n_heads = len(getattr(getattr(m, "aux", None), "fc", None) or [])
+    head_macs = [0.0] * n_heads
     hooks = []
     for name, mod in m.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             cat, i = _category(name, names)
+            rest = name[len(names[i]) + 1:] if i >= 0 else ""
+            head = re.match(r"aux\.\w+\.(\d+)$", name) if cat == "heads" else None
+            k = int(head.group(1)) if head else -1
 
-            def hook(mod: nn.Module, inp: Any, out: torch.Tensor, cat: str = cat, i: int = i) -> None:
+            def hook(mod: nn.Module, inp: Any, out: torch.Tensor, cat: str = cat, i: int = i, rest: str = rest,
+                     k: int = k) -> None:
+                macs = _layer_macs(mod, out)
                 if cat == "block":
-                    blocks[i] += _layer_macs(mod, out)
+                    blocks[i] += macs
+                    block_layers[i][rest] = block_layers[i].get(rest, 0.0) + macs
                 else:
-                    acc[cat] += _layer_macs(mod, out)
+                    acc[cat] += macs
+                    if i >= 0:
+                        block_fixed[i] += macs
+                    if 0 <= k < n_heads:
+                        head_macs[k] += macs
             hooks.append(mod.register_forward_hook(hook))
     state = (m.training, m.execution, m._forced)
     p = next(m.parameters())
@@ -152,4 +222,5 @@ def cost_table(model: nn.Module, image_size: int | tuple[int, int] | None = None
     return CostTable(fixed=fixed, blocks=blocks, heads=acc["heads"], convention=convention,
                      backbone_full=acc["stem"] + acc["projections"] + acc["classifier"] + sum(blocks),
                      routers=acc["routers"], breakdown={k: v for k, v in acc.items() if k != "heads"},
-                     block_names=names, gated=list(m.gated_blocks), image_size=(h, w), variant=used)
+                     block_names=names, gated=list(m.gated_blocks), image_size=(h, w), variant=used,
+                     block_layers=block_layers, block_fixed=block_fixed, head_macs=head_macs)

@@ -36,6 +36,8 @@ class DynamicResNet(nn.Module):
         gate_mask: per-block bools; False = block always executes (gate 1, no router).
     """
 
+    num_options = NUM_OPTIONS  # router outputs per block (subclasses with 3-option blocks override)
+
     def __init__(self, block: str = "bottleneck", layers: list[int] | tuple[int, ...] = (3, 4, 6, 3),
                  widths: list[int] | tuple[int, ...] = (64, 128, 256, 512), stem: str = "imagenet",
                  stem_width: int = 64, variant: str = "v1.5", num_classes: int = 1000,
@@ -138,25 +140,48 @@ class DynamicResNet(nn.Module):
         if blk.router is None:
             return None, None
         logits = blk.router(x)
-        if logits.shape[-1] != NUM_OPTIONS:
-            raise ValueError(f"router returned {logits.shape[-1]} options; DynamicResNet gates are binary (2)")
+        if logits.shape[-1] != self.num_options:
+            raise ValueError(f"router returned {logits.shape[-1]} options; {type(self).__name__} expects "
+                             f"{self.num_options}")
         if self._forced is not None:
             return self._forced_z(x.shape[0], x.device), logits
         y = gumbel_st(logits, self.tau, hard=True, noise=self.training or self.eval_noise)
         return y[:, 1], logits
 
+    # Hooks for subclasses with other decisions per block (models/rdinet.py: B×3 routes skip/light/full).
+    @staticmethod
+    def _dense_block(blk: nn.Module, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        return blk(x, z)
+
+    @staticmethod
+    def _gate_value(blk: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """What ``ModelOutput.gates`` holds for a decision ``z``: the executed fraction of the block (B)."""
+        return z
+
     @staticmethod
     def _skip_block(blk: nn.Module, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        sc = blk.shortcut(x)
-        if z is None:
-            return F.relu(sc + blk.branch(x))
+        """Real skipping (inference): F runs on the executing images only; same values as the dense block.
+
+        Works in place to avoid full-size temporaries (fresh large CPU tensors cost page faults): ``x`` is an
+        internal activation (stem or previous block output, so ≥ 0) that the caller drops, and with an identity
+        shortcut the skipped images' output ReLU(x + 0) is x itself, left untouched; only the executing rows are
+        gathered, run, added to their shortcut rows, rectified and written back. Additions are the dense ones
+        (shortcut + branch), so results match the dense mode exactly.
+        """
+        sc = blk.shortcut(x)  # identity: x itself
+        if z is None:  # ungated block
+            return blk.branch(x).add_(sc).relu_()
         idx = torch.nonzero(z, as_tuple=True)[0]
         n = idx.numel()
         if n == 0:  # nobody executes: shortcut only
-            return F.relu(sc)
+            return sc if sc is x else sc.relu_()
         if n == x.shape[0]:  # everybody executes: no gather/scatter
-            return F.relu(sc + blk.branch(x))
-        return F.relu(sc.index_add(0, idx, blk.branch(x.index_select(0, idx))))
+            return blk.branch(x).add_(sc).relu_()
+        xs = x[idx]  # advanced-indexing gather (faster than index_select on CPU)
+        r = blk.branch(xs)
+        if sc is x:  # identity shortcut: shortcut rows = xs; skipped rows stay as they are
+            return x.index_copy_(0, idx, r.add_(xs).relu_())
+        return sc.index_add_(0, idx, r).relu_()  # projection / padded shortcut: a fresh tensor, ours to modify
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         skip = self.execution == "skip"
@@ -170,9 +195,10 @@ class DynamicResNet(nn.Module):
         for s in self.stage_names:
             for blk in getattr(self, s):
                 z, logits = self._gate(blk, x)
-                x = self._skip_block(blk, x, z) if skip else blk(x, z)
-                gates.append(torch.ones(b, device=x.device, dtype=dt) if z is None else z.to(dt))
-                gate_logits.append(x.new_zeros(b, NUM_OPTIONS, dtype=dt) if logits is None else logits.to(dt))
+                x = self._skip_block(blk, x, z) if skip else self._dense_block(blk, x, z)
+                gates.append(torch.ones(b, device=x.device, dtype=dt) if z is None
+                             else self._gate_value(blk, z).to(dt))
+                gate_logits.append(x.new_zeros(b, self.num_options, dtype=dt) if logits is None else logits.to(dt))
             if self.aux is not None or s == self.stage_names[-1]:
                 pooled.append(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
         final = pooled[-1]

@@ -5,12 +5,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .backbone import BLOCKS, STEMS, VARIANTS, load_torchvision_state_dict
+from .boostnet import EarlyExitResNet
 from .dynamic_resnet import DynamicResNet
+from .rdinet import RDIResNet
 from .routers import ROUTERS
 
 MODEL_KEYS = ("name", "block", "layers", "widths", "stem", "stem_width", "variant", "num_classes",
               "image_size", "pretrained")
-METHOD_KEYS = ("router", "multi_stage_heads", "gate_mask")  # keys of the method config read here
+METHOD_KEYS = ("router", "multi_stage_heads", "gate_mask", "arch", "grad_rescale")  # method keys read here
+
+# Network classes selected by the method config's ``arch`` key (default ``dynamic_resnet``). A class may define
+# ``arch_kwargs(method_cfg) -> dict`` for extra constructor arguments taken from the method config.
+ARCHS: dict[str, type[DynamicResNet]] = {"dynamic_resnet": DynamicResNet, "rdinet": RDIResNet,
+                                          "early_exit": EarlyExitResNet}
 
 MODELS: dict[str, dict[str, Any]] = {}
 
@@ -78,8 +85,9 @@ def resolve_model_cfg(model_cfg: Mapping[str, Any] | str) -> dict[str, Any]:
 def build_model(model_cfg: Mapping[str, Any] | str, method_cfg: Mapping[str, Any] | None = None) -> DynamicResNet:
     """Build a DynamicResNet from a model config (see ``MODEL_KEYS``) and the method's model-facing keys.
 
-    method_cfg (all optional): ``router`` {type: spnet|aig|none, hidden, dropout, bias_init, tau, eval_noise},
-    ``multi_stage_heads`` (bool, default False), ``gate_mask`` (null or list of bools, one per block).
+    method_cfg (all optional): ``router`` {type: spnet|aig|relational|none, hidden, dropout, bias_init, tau,
+    eval_noise, ...}, ``multi_stage_heads`` (bool, default False), ``gate_mask`` (null or list of bools, one per
+    block), ``arch`` (dynamic_resnet | rdinet | early_exit, see ``ARCHS``), ``grad_rescale`` (early_exit).
     Other keys of method_cfg are ignored here. None → SP-Net routers, single head.
     """
     cfg = resolve_model_cfg(model_cfg)
@@ -90,10 +98,15 @@ def build_model(model_cfg: Mapping[str, Any] | str, method_cfg: Mapping[str, Any
     rtype = router.get("type", "spnet")
     if rtype not in ROUTERS and rtype != "none":
         raise ValueError(f"method.router.type={rtype!r} is not valid; choose one of {sorted(ROUTERS) + ['none']}")
-    model = DynamicResNet(block=cfg["block"], layers=cfg["layers"], widths=cfg["widths"], stem=cfg["stem"],
-                          stem_width=cfg["stem_width"], variant=cfg["variant"], num_classes=cfg["num_classes"],
-                          router=router, multi_stage_heads=bool(method.get("multi_stage_heads", False)),
-                          gate_mask=method.get("gate_mask"), image_size=cfg["image_size"], name=cfg["name"])
+    arch = method.get("arch") or "dynamic_resnet"
+    if arch not in ARCHS:
+        raise ValueError(f"method.arch={arch!r} is not valid; choose one of {sorted(ARCHS)}")
+    cls = ARCHS[arch]
+    extra = cls.arch_kwargs(method) if hasattr(cls, "arch_kwargs") else {}
+    model = cls(block=cfg["block"], layers=cfg["layers"], widths=cfg["widths"], stem=cfg["stem"],
+                stem_width=cfg["stem_width"], variant=cfg["variant"], num_classes=cfg["num_classes"],
+                router=router, multi_stage_heads=bool(method.get("multi_stage_heads", False)),
+                gate_mask=method.get("gate_mask"), image_size=cfg["image_size"], name=cfg["name"], **extra)
     if cfg.get("pretrained"):
         load_torchvision_state_dict(model, cfg["pretrained"])
     return model

@@ -1,6 +1,7 @@
 """Per-block routers (gates). Each maps a block input B×C×H×W to raw logits B×options.
 
-Index 1 = "execute", index 0 = "skip" (AIG / SP-Net convention).
+Index 1 = "execute", index 0 = "skip" (AIG / SP-Net convention). RDI-Net's relational router has 3 options
+(0 = skip, 1 = light, 2 = full) and also reads the features of the preceding routers (``context``).
 """
 from __future__ import annotations
 
@@ -71,7 +72,67 @@ class AIGGate(nn.Module):
         return torch.flatten(self.fc2(h), 1)
 
 
-ROUTERS: dict[str, Callable[..., nn.Module]] = {"spnet": SPNetRouter, "aig": AIGGate}
+def relation_adjacency(r: int, gamma: float) -> torch.Tensor:
+    """RDI-Net router-wise relation graph, paper Eq. 4: (r+1)×(r+1), A[m, n] = γ^(n−m) for n ≥ m, else 0.
+
+    Nodes are ordered (s_{n−r}, …, s_{n−1}, s̃_n); A[m, n] is the effect of router m on router n, so the
+    current node (index r) aggregates column r: Σ_m A[m, r]·S_m = Σ_k γ^k·S_{r−k} (Eq. 7 read with the effect
+    matrix transposed — the literal row r of A would be (0, …, 0, 1), i.e. no relation at all).
+    """
+    if r < 0 or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"need r >= 0 and gamma in [0, 1], got r={r}, gamma={gamma}")
+    idx = torch.arange(r + 1, dtype=torch.float64)
+    diff = idx.view(1, -1) - idx.view(-1, 1)  # n − m
+    return torch.where(diff >= 0, torch.full_like(diff, float(gamma)) ** diff.clamp(min=0), torch.zeros_like(diff))
+
+
+class RelationalRouter(nn.Module):
+    """RDI-Net relational router (paper Eq. 5–8, spec §4.b), options 0 = skip, 1 = light, 2 = full.
+
+    ŝ_n = GAP(x_n); s̃_n = ReLU(BN(FC_{C→d}(ŝ_n)))  (Eq. 6, BN as in the official code);
+    s_n = ReLU( (Σ_{k=0}^{r'} γ^k · S_{n−k}) · W¹_n )  with S_n = s̃_n and S_{n−k} = s_{n−k} the propagated features
+    of the r' = min(r, n−1) preceding routers (Eq. 4/7; the graph is truncated for the first blocks);
+    logits = Dropout(FC_{d→options}(s_n))  (dropout on the logits as in the official code; training only).
+
+    ``context`` is the list of the preceding routers' s (oldest first) of the current forward; the router appends its
+    own s_n to it (not detached: gradients flow along the router chain). ``context=None`` = no relations (γ = 0).
+    """
+
+    def __init__(self, c_in: int, d: int = 256, r: int = 2, gamma: float = 0.5, dropout: float = 0.4,
+                 options: int = 3, bias_init: tuple[float, ...] | list[float] | None = None) -> None:
+        super().__init__()
+        if d <= 0:
+            raise ValueError(f"router feature dimension d must be positive, got {d}")
+        self.r, self.gamma = int(r), float(gamma)
+        col = relation_adjacency(self.r, self.gamma)[:, self.r].flip(0)  # [γ^0, γ^1, ..., γ^r] by distance
+        self.register_buffer("decay", col.float(), persistent=False)
+        self.fc1 = nn.Linear(c_in, d)
+        self.bn = nn.BatchNorm1d(d)
+        self.gcn = nn.Linear(d, d, bias=False)  # W¹_n of Eq. 7
+        self.fc2 = nn.Linear(d, options)
+        self.drop = nn.Dropout(dropout)
+        if bias_init is not None:
+            _init_bias(self.fc2, bias_init, options)
+
+    def aggregate(self, current: torch.Tensor, context: list[torch.Tensor] | None) -> torch.Tensor:
+        """Σ_k γ^k · S_{n−k}: the current node plus the r most recent entries of ``context``."""
+        prev = list(context[-self.r:]) if (context and self.r > 0) else []
+        nodes = [current] + prev[::-1]  # distance 0, 1, 2, ...
+        w = self.decay.to(current.dtype)
+        out = nodes[0] * w[0]
+        for k in range(1, len(nodes)):
+            out = out + w[k] * nodes[k]
+        return out
+
+    def forward(self, x: torch.Tensor, context: list[torch.Tensor] | None = None) -> torch.Tensor:
+        s_tilde = F.relu(_bn(self.bn, self.fc1(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
+        s = F.relu(self.gcn(self.aggregate(s_tilde, context)))
+        if context is not None:
+            context.append(s)
+        return self.drop(self.fc2(s))
+
+
+ROUTERS: dict[str, Callable[..., nn.Module]] = {"spnet": SPNetRouter, "aig": AIGGate, "relational": RelationalRouter}
 # keys of the method's `router` mapping that configure the model, not the router module
 MODEL_LEVEL_KEYS = ("type", "tau", "eval_noise")
 

@@ -1,0 +1,324 @@
+"""BoostNet (Yu et al., AAAI 2023) on ResNet, spec ``methods.md`` §6 (ResNet adaptation §6.b [RECON]).
+
+Model (``arch: early_exit``, ``models/boostnet.py``): the plain ResNet (no routers) with one exit per stage
+(multi-stage heads), optional gradient rescaling on the trunk at every exit.
+
+Training (§6.c, paper Eq. 6): ``L = Σ_n w_n · CE(f_n + stopgrad(t·F_{n−1}), y)``, F_n = f_n + t·F_{n−1}, t = 0.5,
+w_n = 1.
+
+Evaluation (``evaluate``, called by the trainer instead of the default pass):
+
+* anytime — top-1 of argmax F_n at every exit on the validation set, with the cumulative MACs of that exit
+  (earlier heads included; ``cost.exit_macs``);
+* budgeted batch — confidence thresholds fitted on a held-out split of the *training* folder (deterministic
+  validation transform) with geometric exit proportions q_n ∝ p^n; p is searched so that the held-out expected MACs
+  match the budget ``target_rate`` × (what a gated ResNet executing that fraction of every residual branch costs:
+  stem + projections + classifier + t·Σ branches). The validation set is then run with **real early exits**
+  (``EarlyExitResNet.early_exit_forward``: the batch is subset after each exit), giving ``top1``, ``macs_per_image``
+  (per-image exit costs), ``exit_fractions`` and ``block_rates`` (fraction of images that ran each block). The
+  official p = k/20 sweep is reported as ``budget_curve``.
+
+Held-out split: ``heldout`` (fraction < 1 or an image count; default 0.039 ≈ ImageNet's 50,000 of 1,281,167) of a
+seeded permutation of the sorted training files (``heldout_seed``); the indices are method state (checkpointed and
+reused on resume/evaluation). The split must also be excluded from the training loader — ``BoostNet.train_exclusions``
+gives the file list (that needs a loader hook in the trainer; until a trainer calls it, the held-out images are also
+trained on and the result carries ``heldout_trained_on: true``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Method, cfg_get, register_method, unwrap_model
+from .losses import boosted_ce
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spnet_dist.models.output import ModelOutput
+
+__all__ = ["BoostNet", "list_image_files", "heldout_indices", "train_exclusions"]
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm", ".pbm", ".jp2"}
+
+
+# ---------------------------------------------------------------------------------------------- held-out split
+def list_image_files(root: str | os.PathLike) -> list[str]:
+    """Sorted ``<class>/<file>`` paths of the images under an ImageNet-layout split folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"training folder {str(root)!r} not found (needed for BoostNet's held-out split)")
+    return sorted(f"{c.name}/{f.name}" for c in root.iterdir() if c.is_dir()
+                  for f in c.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+
+
+def heldout_size(spec: float | int, n_train: int) -> int:
+    """``spec`` < 1: a fraction of the training set; ≥ 1: a count. Must leave at least one training image."""
+    k = round(float(spec) * n_train) if float(spec) < 1 else int(spec)
+    if k < 0 or k >= n_train:
+        raise ValueError(f"held-out split of {k} images from {n_train} training images is impossible; set "
+                         "method.heldout to a fraction < 1 or a smaller count")
+    return k
+
+
+def heldout_indices(n_train: int, size: int, seed: int) -> Tensor:
+    """The last ``size`` entries of a seeded permutation of range(n_train), sorted (long tensor)."""
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n_train, generator=g)
+    return perm[n_train - size:].sort().values if size else torch.zeros(0, dtype=torch.long)
+
+
+def train_exclusions(method_cfg: Mapping, train_root: str | os.PathLike) -> list[str]:
+    """``<class>/<file>`` paths of the held-out split that the training loader should skip (same split as the
+    method computes; hook for the trainer's loader)."""
+    files = list_image_files(train_root)
+    k = heldout_size(cfg_get(method_cfg, "heldout", 0.039), len(files))
+    return [files[i] for i in heldout_indices(len(files), k, int(cfg_get(method_cfg, "heldout_seed", 0))).tolist()]
+
+
+def _symlink_tree(train_root: Path, files: list[str]) -> Path:
+    """A temporary ImageNet-layout folder with every class folder of ``train_root`` (so DALI keeps the label
+    numbering) and symlinks to ``files``."""
+    tmp = Path(tempfile.mkdtemp(prefix="spnet-heldout-"))
+    for c in train_root.iterdir():
+        if c.is_dir():
+            (tmp / c.name).mkdir()
+    for f in files:
+        os.symlink((train_root / f).resolve(), tmp / f)
+    return tmp
+
+
+def _gather_cat(t: Tensor, dim: int) -> Tensor:
+    """Concatenate a CPU tensor of every rank along ``dim`` (rank order; sizes may differ)."""
+    import torch.distributed as dist
+
+    from spnet_dist.engine import distributed as D
+
+    if not D.is_dist() or D.world_size() == 1:
+        return t
+    parts: list[Any] = [None] * D.world_size()
+    dist.all_gather_object(parts, t.cpu())
+    return torch.cat(parts, dim)
+
+
+def _all_reduce(t: Tensor) -> Tensor:
+    import torch.distributed as dist
+
+    from spnet_dist.engine import distributed as D
+
+    if D.is_dist() and D.world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@register_method
+class BoostNet(Method):
+    """Config keys: ``ensemble_weight`` (t = 0.5), ``exit_weights`` (w_n, default 1), ``grad_rescale`` (model),
+    ``target_rate`` (budget rate for the budgeted-batch point), ``heldout``, ``heldout_seed``."""
+
+    name = "boostnet"
+
+    @classmethod
+    def prepare_cfg(cls, cfg: dict, num_blocks: int) -> dict:
+        arch = cfg.get("arch") or "early_exit"
+        if arch != "early_exit":
+            raise ValueError(f"method boostnet needs arch: early_exit, got {arch!r}")
+        router = dict(cfg.get("router") or {"type": "none"})
+        if router.get("type", "none") != "none":
+            raise ValueError("method boostnet runs without routers (router.type: none); early exits are its only "
+                             f"dynamic decision, got router.type={router.get('type')!r}")
+        cfg.update(arch=arch, router={"type": "none"}, multi_stage_heads=True, gate_mask=None)
+        return cfg
+
+    def __init__(self, cfg: Mapping, model: torch.nn.Module) -> None:
+        super().__init__(cfg, model)
+        c = self.cfg
+        net = unwrap_model(model)
+        if not hasattr(net, "early_exit_forward"):
+            raise TypeError(f"method boostnet needs an EarlyExitResNet (arch: early_exit), got {type(net).__name__}")
+        self.t = float(cfg_get(c, "ensemble_weight", 0.5))
+        w = cfg_get(c, "exit_weights")
+        self.exit_weights = None if w is None else [float(v) for v in w]
+        self.target_rate = float(cfg_get(c, "target_rate", 0.7))
+        self.heldout_spec = cfg_get(c, "heldout", 0.039)
+        self.heldout_seed = int(cfg_get(c, "heldout_seed", 0))
+        self.heldout: dict[str, Any] | None = None  # {"indices", "n_train", "seed"} once known
+        self.heldout_loader: Iterable | None = None  # programmatic override (tests); else built from the val loader
+        self.heldout_trained_on = True  # until the trainer excludes the split via train_exclusions()
+
+    # ------------------------------------------------------------------ objective
+    def _loss(
+        self, model: torch.nn.Module, images: Tensor, labels: Tensor, out: "ModelOutput"
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        total, per_exit = boosted_ce(out.head_logits, labels, self.t, self.exit_weights)
+        rates = self.block_rates(out)
+        logs = {
+            "ce": per_exit[-1].detach(),
+            "rate_loss": total.new_zeros(()),
+            "exec_rate": self.exec_rate(rates, self.gated_mask(rates.device)),
+            "block_rates": rates.detach(),
+        }
+        for k, ce in enumerate(per_exit, start=1):
+            logs[f"ce_exit{k}"] = ce.detach()
+        return total, logs
+
+    # ------------------------------------------------------------------ held-out split (method state)
+    def ensure_split(self, train_root: str | os.PathLike) -> list[str]:
+        """The held-out files (computed once, then taken from the method state; checked against the folder)."""
+        files = list_image_files(train_root)
+        if self.heldout is None:
+            k = heldout_size(self.heldout_spec, len(files))
+            self.heldout = {"indices": heldout_indices(len(files), k, self.heldout_seed), "n_train": len(files),
+                            "seed": self.heldout_seed}
+        elif self.heldout["n_train"] != len(files):
+            raise ValueError(f"the method state's held-out split was drawn from {self.heldout['n_train']} training "
+                             f"images, {train_root} has {len(files)}")
+        return [files[i] for i in self.heldout["indices"].tolist()]
+
+    def train_exclusions(self, train_root: str | os.PathLike) -> list[str]:
+        """Trainer hook (to be wired into the training loader): the ``<class>/<file>`` paths of the held-out split,
+        which the training loader must skip. Calling it records that the split is not trained on."""
+        files = self.ensure_split(train_root)
+        self.heldout_trained_on = False
+        return files
+
+    def _heldout_stats(self, net: torch.nn.Module, loader: Any) -> tuple[Tensor, Tensor] | None:
+        if self.heldout_loader is not None:
+            return self._collect(net, self.heldout_loader)
+        spec = getattr(loader, "spec", None)
+        if spec is None:
+            return None
+        from spnet_dist.data.dali import DaliLoader, LoaderSpec
+
+        train_root = Path(spec.root).parent / "train"
+        files = self.ensure_split(train_root)
+        if not files:
+            return None
+        tmp = _symlink_tree(train_root, files)
+        try:
+            held = DaliLoader(LoaderSpec(root=str(tmp), batch_size=spec.batch_size, shard_id=spec.shard_id,
+                                         num_shards=spec.num_shards, train=False, crop=spec.crop,
+                                         val_resize=spec.val_resize, num_threads=spec.num_threads, seed=spec.seed,
+                                         decode=spec.decode, layout=spec.layout))
+            try:
+                return self._collect(net, held)
+            finally:
+                held.release()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ evaluation
+    def _collect(self, net: torch.nn.Module, loader: Iterable) -> tuple[Tensor, Tensor]:
+        """Per-exit confidence max softmax(F_n) and correctness (N×M each, all ranks concatenated)."""
+        from spnet_dist.models.boostnet import ensemble_logits
+
+        confs, corrects = [], []
+        for batch in loader:
+            images, labels = batch[0], batch[1]
+            out = net(images)
+            ens = ensemble_logits(out.head_logits, self.t)
+            confs.append(torch.stack([F.softmax(z.float(), 1).max(1).values for z in ens]).cpu())
+            corrects.append(torch.stack([z.argmax(1) == labels for z in ens]).cpu())
+        if not confs:
+            return torch.zeros(net.num_exits, 0), torch.zeros(net.num_exits, 0, dtype=torch.bool)
+        return _gather_cat(torch.cat(confs, 1), 1), _gather_cat(torch.cat(corrects, 1), 1)
+
+    def budget_macs(self, table: Any) -> float:
+        """The budget: stem + projections + classifier + target_rate · Σ residual branches (no heads, no routers)."""
+        fixed = table.breakdown.get("stem", 0.0) + table.breakdown.get("projections", 0.0) \
+            + table.breakdown.get("classifier", 0.0)
+        return fixed + self.target_rate * sum(table.blocks)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, table: Any, execution: str = "dense") -> dict[str, Any]:
+        from spnet_dist.evaluation.budgeted import anytime, budget_curve, budgeted_result, search_budget
+        from spnet_dist.models.cost import exit_macs
+
+        net = unwrap_model(model)
+        was_training = net.training
+        net.eval()
+        net.set_execution(execution)
+        try:
+            costs = exit_macs(table)
+            conf_val, correct_val = self._collect(net, loader)
+            held = self._heldout_stats(net, loader)
+            calib = "heldout" if held is not None and held[0].shape[1] > 0 else "val"
+            conf_fit = held[0] if calib == "heldout" else conf_val
+            budget = self.budget_macs(table)
+            p, thr, fit_macs = search_budget(conf_fit, costs, budget)
+            real = self._early_exit_pass(net, loader, thr, costs)
+        finally:
+            net.set_execution("dense")
+            net.train(was_training)
+        sim = budgeted_result(conf_val, correct_val, thr, costs)
+        exits = anytime(correct_val, costs)
+        metrics: dict[str, Any] = {
+            **real,
+            "gflops_paper": 2 * real["macs_per_image"] / 1e9,
+            "budget_macs": budget, "budget_fit_macs": fit_macs, "budget_p": p, "calibration": calib,
+            "heldout_images": int(conf_fit.shape[1]) if calib == "heldout" else 0,
+            "heldout_trained_on": self.heldout_trained_on if calib == "heldout" else None,
+            "thresholds": [float(v) for v in thr], "simulated_top1": sim["top1"], "simulated_macs": sim["macs"],
+            "exits": exits, "anytime_top1": exits[-1]["top1"], "full_macs": costs[-1],
+            "budget_curve": budget_curve(conf_fit, conf_val, correct_val, costs),
+        }
+        for e in exits:
+            metrics[f"exit{e['exit']}_top1"] = e["top1"]
+            metrics[f"exit{e['exit']}_macs"] = e["macs"]
+        return metrics
+
+    def _early_exit_pass(self, net: torch.nn.Module, loader: Iterable, thr: Tensor, costs: list[float]
+                         ) -> dict[str, Any]:
+        """Validation with real early exits; sums all-reduced over ranks."""
+        n_exits, n_blocks = len(costs), net.num_blocks
+        c = torch.tensor(costs, dtype=torch.float64)
+        sums = torch.zeros(4 + n_exits + n_blocks, dtype=torch.float64)  # top1, top5, macs, n, exits, blocks
+        for batch in loader:
+            images, labels = batch[0], batch[1]
+            res = net.early_exit_forward(images, thr.tolist(), self.t)
+            top5 = res.logits.topk(min(5, res.logits.shape[1]), dim=1).indices
+            ex = res.exit_index.cpu()
+            row = torch.cat([
+                torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum()]).double().cpu(),
+                c[ex].sum().view(1), torch.tensor([float(labels.numel())], dtype=torch.float64),
+                torch.bincount(ex, minlength=n_exits).double(), res.reached.double().sum(0).cpu()])
+            sums += row
+        sums = _all_reduce(sums.to(_reduce_device())).cpu()
+        n = max(1.0, float(sums[3]))
+        rates = (sums[4 + n_exits:] / n).tolist()
+        return {"top1": float(sums[0]) / n, "top5": float(sums[1]) / n, "macs_per_image": float(sums[2]) / n,
+                "exec_rate": sum(rates) / max(1, len(rates)), "block_rates": [round(r, 4) for r in rates],
+                "exit_fractions": [round(float(v) / n, 4) for v in sums[4:4 + n_exits]], "val_images": int(n)}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.heldout is not None:
+            state["heldout"] = dict(self.heldout)
+        state["heldout_trained_on"] = self.heldout_trained_on
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        held = state.get("heldout")
+        if held is not None:
+            self.heldout = {"indices": torch.as_tensor(held["indices"], dtype=torch.long),
+                            "n_train": int(held["n_train"]), "seed": int(held["seed"])}
+        self.heldout_trained_on = bool(state.get("heldout_trained_on", self.heldout_trained_on))
+
+
+def _reduce_device() -> torch.device:
+    """nccl reduces CUDA tensors only; gloo CPU ones."""
+    import torch.distributed as dist
+
+    from spnet_dist.engine import distributed as D
+
+    if D.is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
