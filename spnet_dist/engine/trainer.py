@@ -106,10 +106,10 @@ def check_in_sync(method: Any, step: int) -> None:
     """Stop with a clear error if replicated method state (SP-Net's EMA teacher) differs between ranks."""
     if not D.is_dist() or D.world_size() == 1:
         return
-    mine = state_checksum(method.replicated_tensors())
+    mine = state_checksum(method.replicated_tensors()).to(D.comm_device())
     ref = mine.clone()
     dist.broadcast(ref, src=0)
-    bad = torch.tensor([0.0 if torch.equal(mine, ref) else 1.0])
+    bad = torch.tensor([0.0 if torch.equal(mine, ref) else 1.0], device=D.comm_device())
     dist.all_reduce(bad)
     if bad.item():
         raise RuntimeError(f"method state (e.g. the EMA teacher) differs between ranks at step {step}: "
@@ -120,11 +120,11 @@ def check_in_sync(method: Any, step: int) -> None:
 def global_scalars(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     """Scalar loss terms averaged over ranks (collective), as ``train/<name>`` floats for logging."""
     names = [k for k, v in terms.items() if v.ndim == 0]
-    values = torch.stack([terms[k].detach().double().cpu() for k in names])
+    values = torch.stack([terms[k].detach().double().to(D.comm_device()) for k in names])
     if D.is_dist() and D.world_size() > 1:
         dist.all_reduce(values)
         values /= D.world_size()
-    return {f"train/{k}": float(v) for k, v in zip(names, values)}
+    return {f"train/{k}": float(v) for k, v in zip(names, values.tolist())}
 
 
 def _failpoint(step: int) -> None:
@@ -205,7 +205,9 @@ def train(cfg: Any) -> dict[str, Any]:
             log.info("resumed from %s (epoch %d, step %d)", found[0] / found[1], prog.epoch, prog.step)
 
     dali_state = client["data"][rank] if client and same_world else None
-    train_loader = build_loader(cfg, train=True, shard_id=rank, num_shards=world, checkpoint=dali_state)
+    held_out = method.train_exclusions(Path(cfg.data.root) / "train") if hasattr(method, "train_exclusions") else ()
+    train_loader = build_loader(cfg, train=True, shard_id=rank, num_shards=world, checkpoint=dali_state,
+                                exclude=held_out)
     val_loader = build_loader(cfg, train=False, shard_id=rank, num_shards=world)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -268,6 +270,8 @@ def train(cfg: Any) -> dict[str, Any]:
         for images, labels in train_loader:  # a restored loader yields only the rest of its epoch
             # no copy for DALI's GPU output (HWC, already channels_last) nor for CPU batches (contiguous NCHW)
             images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            images = images.to(engine.device, non_blocking=True)  # no-op on CPU and for GPU-decoded batches
+            labels = labels.to(engine.device, non_blocking=True)
             out = engine(images)
             with amp():
                 loss, terms = method.loss(engine.module, images, labels, out)
