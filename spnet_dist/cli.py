@@ -10,8 +10,9 @@ import sys
 from typing import Sequence
 
 from .commands import COMMANDS
+from .errors import SpnetError
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, SpnetError)
 
 
 def setup_logging(rank: int) -> None:

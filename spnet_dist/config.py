@@ -340,6 +340,7 @@ CHOICES: dict[str, tuple] = {
     "data.backend": ("dali",),
     "deepspeed.stage": (0, 1, 2),
     "eval.execution": ("dense", "skip"),
+    "trainer.on_nonfinite": ("stop", "skip"),
     "model.block": ("bottleneck", "basic"),
     "model.stem": ("imagenet", "cifar"),
     "model.variant": ("v1", "v1.5"),

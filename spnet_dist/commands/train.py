@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +27,7 @@ def free_port() -> int:
 
 def _rank_main(local_rank: int, cfg_dict: dict, world: int, port: int, result_path: str) -> None:
     """Entry of one locally spawned rank."""
-    from ..cli import setup_logging
+    from ..cli import USER_ERRORS, setup_logging
 
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -35,7 +36,11 @@ def _rank_main(local_rank: int, cfg_dict: dict, world: int, port: int, result_pa
 
     from ..engine.trainer import train
 
-    summary = train(OmegaConf.create(cfg_dict))
+    try:
+        summary = train(OmegaConf.create(cfg_dict))
+    except USER_ERRORS as err:  # handed to the parent, which prints it as one line
+        (Path(result_path).parent / f"error.rank{local_rank}").write_text(str(err))
+        sys.exit(2)
     if local_rank == 0:
         Path(result_path).write_text(json.dumps(summary))
 
@@ -63,6 +68,8 @@ def train_from_overrides(overrides: Sequence[str]) -> dict[str, Any] | None:
 
 
 def _spawn_local(cfg_dict: dict, nprocs: int) -> dict[str, Any]:
+    from ..errors import SpnetError
+
     """Start ``nprocs`` ranks on this machine; SIGTERM/SIGUSR2 to this process are forwarded to every rank."""
     import signal
 
@@ -84,6 +91,11 @@ def _spawn_local(cfg_dict: dict, nprocs: int) -> dict[str, Any]:
         try:
             while not ctx.join():
                 pass
+        except (mp.ProcessExitedException, mp.ProcessRaisedException):  # a rank's one-line error stays one line
+            messages = sorted(Path(tmp).glob("error.rank*"))
+            if messages:
+                raise SpnetError(messages[0].read_text()) from None
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

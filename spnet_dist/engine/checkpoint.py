@@ -17,6 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ..errors import SpnetError
 from . import distributed as D
 
 log = logging.getLogger("spnet.checkpoint")
@@ -106,7 +107,9 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
-        """Collective: every rank must call it."""
+        """Collective: every rank must call it. A failed write (disk full, ...) on any rank removes the partial
+        tag on every rank's behalf and raises :class:`CheckpointWriteError`; the previous checkpoint and
+        ``latest`` are untouched."""
         tag = f"global_step{step}"
         tag_dir = self.directory / tag
         if D.rank() == 0:
@@ -114,16 +117,52 @@ class Checkpointer:
             if tag_dir.exists():  # an earlier, interrupted save of the same step
                 shutil.rmtree(tag_dir)
         _barrier()
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: client_state},
-                               save_latest=False)
-        _barrier()
+        # Refuse before writing when the disk cannot hold another checkpoint: an exception inside DeepSpeed's
+        # collective save would leave the other ranks waiting at its internal barrier.
+        error = _agree(self._space_problem(engine))
+        if error is not None:
+            raise CheckpointWriteError(self._failure_message(tag_dir, error))
+        error = _attempt(lambda: engine.save_checkpoint(str(self.directory), tag=tag,
+                                                        client_state={CLIENT_KEY: client_state}, save_latest=False))
+        error = _agree(error)
+        if error is None and D.rank() == 0:
+            def finish() -> None:
+                marker = {"step": step, "world_size": D.world_size(), "files": _file_sizes(tag_dir)}
+                _write_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=1))
+                _write_atomic(self.directory / LATEST, tag)
+            error = _attempt(finish)
+        error = _agree(error)
+        if error is not None:
+            if D.rank() == 0:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            raise CheckpointWriteError(self._failure_message(tag_dir, error))
         if D.rank() == 0:
-            marker = {"step": step, "world_size": D.world_size(), "files": _file_sizes(tag_dir)}
-            _write_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=1))
-            _write_atomic(self.directory / LATEST, tag)
             self._prune()
         _barrier()
         return tag_dir
+
+    def _space_problem(self, engine: Any) -> str | None:
+        """A reason when the free space is below the size of the last checkpoint (or an estimate for the first)."""
+        tags = complete_tags(self.directory)
+        if tags:
+            marker = json.loads((self.directory / tags[-1] / COMPLETE).read_text())
+            need = sum(marker.get("files", {}).values())
+        else:  # weights + optimizer state, written once
+            need = 2 * sum(p.numel() * p.element_size() for p in engine.module.parameters())
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            return f"a checkpoint needs about {need / 2**20:.1f} MiB"
+        return None
+
+    def _failure_message(self, tag_dir: Path, error: str) -> str:
+        free = shutil.disk_usage(self.directory).free if self.directory.exists() else 0
+        tags = [t for t in complete_tags(self.directory) if problem_with(self.directory, t) is None]
+        kept = f"the previous checkpoint {self.directory / tags[-1]} is intact and `latest` still names it" \
+            if tags else "no earlier checkpoint exists"
+        full = "the disk is full: " if free < 64 * 2**20 else ""
+        return (f"could not write checkpoint {tag_dir} ({full}{free / 2**20:.1f} MiB free; {error}); the partial "
+                f"write was removed and {kept}. Free space in {self.directory} or point checkpoint.dir at another "
+                f"disk, then rerun the same command (resume=auto continues from the last good checkpoint)")
 
     def _prune(self) -> None:
         tags = complete_tags(self.directory)
@@ -137,6 +176,27 @@ class Checkpointer:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
         return client[CLIENT_KEY]
+
+
+class CheckpointWriteError(SpnetError):
+    """A checkpoint could not be written; the message names the tag, the free space and what to do."""
+
+
+def _attempt(fn: Any) -> str | None:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - torch.save reports ENOSPC as RuntimeError, not OSError
+        return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    return None
+
+
+def _agree(error: str | None) -> str | None:
+    """Every rank learns whether any rank failed (so none waits at a barrier that another never reaches)."""
+    if not D.is_dist() or D.world_size() == 1:
+        return error
+    errors: list[str | None] = [None] * D.world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def _barrier() -> None:

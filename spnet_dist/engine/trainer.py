@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import flatten, to_container
+from ..errors import SpnetError
 from . import distributed as D
 from . import preempt
 from .checkpoint import Checkpointer, resolve_resume, saved_world_size
@@ -29,7 +30,7 @@ from .rng import rng_state, seed_all, set_rng_state
 from .schedule import EpochClock, lr_factor
 
 log = logging.getLogger("spnet.train")
-FAILPOINT_ENV = "SPNET_FAILPOINT"  # test hook: "kill_after_save:<step>" SIGKILLs every rank after that save
+FAILPOINT_ENV = "SPNET_FAILPOINT"  # test hooks: "kill_after_save:<step>" (SIGKILL every rank), "nan_loss:<step>"
 
 
 @dataclass
@@ -125,6 +126,41 @@ def global_scalars(terms: dict[str, torch.Tensor]) -> dict[str, float]:
         dist.all_reduce(values)
         values /= D.world_size()
     return {f"train/{k}": float(v) for k, v in zip(names, values.tolist())}
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank (collective; one host sync per step)."""
+    flag = torch.isfinite(loss.detach()).all().to(device=D.comm_device(), dtype=torch.float32).reshape(1)
+    if D.is_dist() and D.world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def on_nonfinite(cfg: Any, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor],
+                 last_ckpt: Path | None) -> None:
+    """Stop (default) or skip the optimizer update for a non-finite loss; nothing is saved from a bad state."""
+    shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if v.ndim == 0)
+    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    if cfg.trainer.on_nonfinite == "skip":
+        log.warning("non-finite loss at step %d (%s; loss=%s): optimizer update skipped (trainer.on_nonfinite=skip)",
+                    step, shown, float(loss))
+        return
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step} on at least one rank (loss={float(loss)}; terms: {shown}); {where} "
+        f"(not overwritten). Resume from it with resume=auto after lowering optim.lr or enabling "
+        f"deepspeed.gradient_clipping, or set trainer.on_nonfinite=skip to skip such steps")
+
+
+class NonFiniteLossError(SpnetError):
+    """The loss became NaN or infinite."""
+
+
+def _failpoint_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Test hook: SPNET_FAILPOINT=nan_loss:<step> turns that step's loss into NaN."""
+    spec = os.environ.get(FAILPOINT_ENV, "")
+    if spec.startswith("nan_loss:") and int(spec.split(":", 1)[1]) == step:
+        return loss * float("nan")
+    return loss
 
 
 def _failpoint(step: int) -> None:
@@ -275,11 +311,17 @@ def train(cfg: Any) -> dict[str, Any]:
             out = engine(images)
             with amp():
                 loss, terms = method.loss(engine.module, images, labels, out)
-            engine.backward(loss)
+            loss = _failpoint_loss(loss, prog.step + 1)
+            finite = all_finite(loss)
+            if finite:
+                engine.backward(loss)
+            else:
+                on_nonfinite(cfg, prog.step + 1, loss, terms, last_ckpt)
             prog.step += 1
             prog.batch_in_epoch += 1
             clock.epochs = prog.epoch + prog.batch_in_epoch / steps_per_epoch
-            engine.step()
+            if finite:
+                engine.step()
             images_seen += images.shape[0] * world
             if prog.step % cfg.trainer.log_every == 0:
                 logged = global_scalars({"loss": loss.detach(), **terms})
