@@ -12,6 +12,20 @@ import pytest
 from spnet_dist.data.tiny import make_tiny_imagenet
 
 TINY_CLASSES = 4
+# the resnet_tiny model config as a plain dict (configs/model/resnet_tiny.yaml)
+TINY_MODEL = dict(name="resnet_tiny", block="bottleneck", layers=[1, 1, 1, 1], widths=[8, 16, 32, 64],
+                  stem="imagenet", stem_width=16, variant="v1.5", num_classes=10, image_size=64, pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: small convs gain nothing from more, and it is robust on a busy 2-core host."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import TINY_MODEL as TINY
 import torch
 import yaml
 
@@ -19,16 +20,9 @@ from spnet_dist.models.boostnet import EarlyExitResNet, ensemble_logits
 from spnet_dist.models.cost import exit_macs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(name="resnet_tiny", block="bottleneck", layers=[1, 1, 1, 1], widths=[8, 16, 32, 64], stem="imagenet",
-            stem_width=16, variant="v1.5", num_classes=10, image_size=64, pretrained=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def boost_cfg(**over) -> dict:

@@ -25,13 +25,7 @@ def _flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict]:
     return fc.get_total_flops(), fc.get_flop_counts()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: small convs gain nothing from more, and it is robust on a busy 2-core host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

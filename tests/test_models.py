@@ -35,13 +35,7 @@ def _calibrate_bn(model: nn.Module, x: torch.Tensor) -> None:
         model(x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: small convs gain nothing from more, and it is robust on a busy 2-core host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
