@@ -14,7 +14,8 @@ the batch per rank is fixed, so N ranks process N x batch images per step.
 
 Per run: ``--warmup`` untimed steps, then ``--steps`` timed ones; img/s = images of all ranks / wall time of the
 timed steps. Per step and rank the parts are timed too: waiting for data, forward + loss, backward (ZeRO-1 reduces
-the gradients here), optimizer step; plus a separate all-reduce of a gradient-sized float32 buffer. Runs alternate
+the gradients here), optimizer step; plus a separate all-reduce of a gradient-sized float32 buffer; and images per
+CPU-second (process CPU time of all ranks over the timed steps: the cost per image, less sensitive to other load). Runs alternate
 between rank counts (``--rounds`` rounds, rotated order); reported: medians over rounds, and img/s of N ranks /
 img/s of 1 rank. Data: a tiny ImageNet-format set (``spnet_dist.data.tiny``) made once under ``--data``.
 """
@@ -93,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
     for s in range(args.warmup + args.steps):
         if s == args.warmup:
             dist.barrier()
-            t_start = time.perf_counter()
+            t_start, c_start = time.perf_counter(), time.process_time()
         t0 = time.perf_counter()
         images, labels = next(it)
         t1 = time.perf_counter()
@@ -107,6 +108,7 @@ def worker(args: argparse.Namespace) -> None:
         if s >= args.warmup:
             for p, v in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 parts[p].append(v)
+    cpu = time.process_time() - c_start  # this rank's CPU time (torch + DALI threads) over the timed steps
     dist.barrier()
     wall = time.perf_counter() - t_start
     n_params = sum(p.numel() for p in engine.module.parameters())
@@ -119,12 +121,13 @@ def worker(args: argparse.Namespace) -> None:
         ar.append(time.perf_counter() - t0)
     mine = {"parts_ms": {p: statistics.median(v) * 1e3 for p, v in parts.items()},
             "allreduce_ms": statistics.median(ar[1:]) * 1e3, "threads": torch.get_num_threads(),
-            "dali_threads": loader.spec.num_threads, "final_loss": float(loss.detach())}
+            "dali_threads": loader.spec.num_threads, "final_loss": float(loss.detach()), "cpu_s": cpu}
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
         images = args.steps * args.batch * world
         res = {"world": world, "wall_s": wall, "img_per_s": images / wall, "step_ms": wall / args.steps * 1e3,
+               "img_per_cpu_s": images / sum(x["cpu_s"] for x in everyone),
                "n_params": n_params, "ranks": everyone}
         print(RESULT + json.dumps(res), flush=True)
     loader.release()
@@ -197,6 +200,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "ratio_vs": f"{ref} rank(s)",
             "img_s_ratio": round(bc.ratio_median([x["img_per_s"] for x in rs],
                                                  [x["img_per_s"] for x in results[ref]]), 4),
+            "img_per_cpu_s": round(bc.median([x["img_per_cpu_s"] for x in rs]), 3),
+            "img_cpu_s_ratio": round(bc.ratio_median([x["img_per_cpu_s"] for x in rs],
+                                                     [x["img_per_cpu_s"] for x in results[ref]]), 4),
             "parts_ms": parts,
             "allreduce_grad_ms": round(bc.median([x["ranks"][0]["allreduce_ms"] for x in rs]), 3),
             "n_params": rs[0]["n_params"], "img_per_s_all": [round(x["img_per_s"], 2) for x in rs],
@@ -231,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     table = [{**r, **r["parts_ms"]} for r in rows]
     bc.print_table(table, [("ranks", "ranks", "d"), ("threads_per_rank", "thr/rank", "d"),
                            ("step_ms", "step ms", ".1f"), ("img_per_s", "img/s", ".1f"),
-                           ("img_s_ratio", f"img/s ÷ {args.ranks[0]}r", ".3f"), ("data", "data", ".1f"),
+                           ("img_s_ratio", f"img/s ÷ {args.ranks[0]}r", ".3f"),
+                           ("img_per_cpu_s", "img/CPU-s", ".2f"), ("img_cpu_s_ratio", "img/CPU-s ÷", ".3f"),
+                           ("data", "data", ".1f"),
                            ("forward_loss", "fwd+loss", ".1f"), ("backward", "bwd(+ar)", ".1f"),
                            ("step", "opt step", ".1f"), ("allreduce_grad_ms", "allreduce", ".2f")])
     print(f"# load average {rows[0]['load_avg_start']} -> {rows[0]['load_avg_end']}")

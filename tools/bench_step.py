@@ -27,7 +27,7 @@ Variants (``base[:option+option]``):
 
 Timing: ``--warmup`` untimed rounds, then ``--rounds`` rounds in which every variant does one step, in an order
 rotated every round. Reported: median step time per variant, img/s, and the ratio to ``static`` as the median of
-the per-round ratios. For SP-Net variants a breakdown with manual timers around the same calls on the same
+the per-round ratios (of wall time, and of process CPU time: the latter is less sensitive to other load). For SP-Net variants a breakdown with manual timers around the same calls on the same
 instances: student forward, EMA update, teacher forward, losses (the rest of ``method.loss``), backward (with the
 gradient all-reduce when there are several ranks), optimizer step. On a GPU every timer synchronises first.
 """
@@ -122,6 +122,7 @@ class Variant:
             self.forward, self.backward, self.opt_step = fwd, (lambda loss: loss.backward()), opt_step
         self.method = build_method(mcfg, self.module)
         self.parts: dict[str, list[float]] = {p: [] for p in PARTS}
+        self.cpu: list[float] = []
         self.losses: list[float] = []
         self._cur: dict[str, float] = {}
         if base == "spnet":
@@ -152,6 +153,7 @@ class Variant:
         """The trainer's step; returns the per-part seconds."""
         self._cur = {}
         sync()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         out = self.forward(self.x)
         sync()
@@ -167,6 +169,7 @@ class Variant:
         self.opt_step()
         sync()
         t4 = time.perf_counter()
+        self._cpu = time.process_time() - c0
         inner = self._cur.get("ema", 0.0) + self._cur.get("teacher", 0.0)
         parts = {"forward": t1 - t0, "ema": self._cur.get("ema", 0.0), "teacher": self._cur.get("teacher", 0.0),
                  "losses": (t2 - t1) - inner, "backward": t3 - t2, "step": t4 - t3}
@@ -177,6 +180,7 @@ class Variant:
         for k, v in parts.items():
             self.parts[k].append(v)
         self.losses.append(float(self.last_loss))  # outside the timed step
+        self.cpu.append(self._cpu)
 
 
 def bc_world() -> int:
@@ -218,6 +222,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "img_per_s_per_core": round(args.batch / t / args.threads, 3),
             "ratio_vs": ref, "ratio": round(bc.ratio_median(times[v.name], times[ref]), 4),
             "step_ms_all": [round(s * 1e3, 1) for s in times[v.name]],
+            "cpu_ms": round(bc.median(v.cpu) * 1e3, 2),
+            "cpu_ratio": round(bc.ratio_median(v.cpu, by_name[ref].cpu), 4),
             "parts_ms": {p: round(bc.median(v.parts[p]) * 1e3, 2) for p in PARTS},
             "final_loss": v.losses[-1] if v.losses else None,
         }
@@ -254,9 +260,10 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         p = r["parts_ms"]
         table.append({"variant": r["variant"], "step_ms": r["step_ms"], "img_s": r["img_per_s"],
-                      "img_s_core": r["img_per_s_per_core"], "ratio": r["ratio"], **p})
+                      "img_s_core": r["img_per_s_per_core"], "ratio": r["ratio"], "cpu_ratio": r["cpu_ratio"], **p})
     bc.print_table(table, [("variant", "variant", ""), ("step_ms", "step ms", ".1f"), ("img_s", "img/s", ".2f"),
                            ("img_s_core", "img/s/core", ".2f"), ("ratio", f"÷ {rows[0]['ratio_vs']}", ".3f"),
+                           ("cpu_ratio", "CPU-time ÷", ".3f"),
                            ("forward", "fwd", ".1f"), ("ema", "ema", ".1f"), ("teacher", "teacher", ".1f"),
                            ("losses", "losses", ".1f"), ("backward", "bwd", ".1f"), ("step", "opt step", ".1f")])
     for r in rows:

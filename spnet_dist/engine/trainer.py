@@ -68,8 +68,7 @@ def init_distributed() -> None:
                          ("MASTER_PORT", str(29500 + os.getpid() % 2000))):
         os.environ.setdefault(key, default)
     if not D.is_dist():
-        # GPU: NCCL for CUDA tensors, gloo for the small CPU-tensor collectives (stop flag, sync check, log scalars)
-        deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def run_name(cfg: Any) -> str:
@@ -304,9 +303,9 @@ def train(cfg: Any) -> dict[str, Any]:
                            f"epoch {prog.epoch + 1}/{cfg.trainer.epochs}")
         stop = False
         for images, labels in train_loader:  # a restored loader yields only the rest of its epoch
+            images = images.to(engine.device, non_blocking=True)  # no-op on CPU and for GPU-decoded batches
             # no copy for DALI's GPU output (HWC, already channels_last) nor for CPU batches (contiguous NCHW)
             images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            images = images.to(engine.device, non_blocking=True)  # no-op on CPU and for GPU-decoded batches
             labels = labels.to(engine.device, non_blocking=True)
             out = engine(images)
             with amp():
