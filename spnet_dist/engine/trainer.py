@@ -71,6 +71,16 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def param_groups(model: torch.nn.Module, no_decay_bn: bool) -> list[dict[str, Any]]:
+    """One group (the papers' recipe), or with ``+optim.no_decay_bn=true`` a second one without weight decay for
+    1-D parameters (BN scales/shifts, biases)."""
+    params = list(model.parameters())
+    if not no_decay_bn:
+        return [{"params": params}]
+    flat = [p for p in params if p.ndim <= 1]
+    return [{"params": [p for p in params if p.ndim > 1]}, {"params": flat, "weight_decay": 0.0}]
+
+
 def run_name(cfg: Any) -> str:
     return cfg.name or f"{cfg.method.name}-{cfg.model.name}-t{cfg.method.get('target_rate', 'na')}"
 
@@ -208,8 +218,9 @@ def train(cfg: Any) -> dict[str, Any]:
 
     method_cfg = prepare_method_cfg(cfg.method, cfg.model)
     model = build_model(cfg.model, method_cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    optimizer = torch.optim.SGD(param_groups(model, bool(cfg.optim.get("no_decay_bn", False))), lr=cfg.optim.lr,
+                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                                nesterov=cfg.optim.nesterov)
     clock = EpochClock()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, clock))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
