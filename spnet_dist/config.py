@@ -349,6 +349,7 @@ CHOICES: dict[str, tuple] = {
     "method.evo_form": ("consecutive", "official"),
     "method.teacher_mode": ("train", "eval"),
     "method.teacher_buffers": ("copy", "ema", "own"),
+    "method.teacher_precision": ("fp32", "bf16"),
     "method.router.type": ("aig", "spnet", "relational", "none"),
 }
 _WHY = {"deepspeed.stage": " (ZeRO stage 3 is not available; deepspeed=zero0|zero1|zero2 set it)"}

@@ -286,3 +286,37 @@ def test_omegaconf_cfg_overrides_and_teacher_follows_dtype():
     x, y = batch(2)
     loss, _ = method.loss(model, x.double(), y, model(x.double()))
     assert loss.dtype == torch.float64 and next(method.teacher.parameters()).dtype == torch.float64
+
+
+def test_bf16_teacher_precision_rounds_targets_only():
+    """teacher_precision=bf16: the teacher runs under bf16 autocast (its logits come out bf16 and close to the fp32
+    teacher's), the loss stays finite and differentiable; an unknown precision is refused."""
+    model, fp32, _ = make("spnet_code", teacher_mode="eval")
+    bf16 = build_method(prepare_method_cfg(method_cfg("spnet_code", teacher_mode="eval", teacher_precision="bf16"),
+                                           TINY), model)
+    x, _ = batch(4)
+    ref, low = fp32.teacher_forward(x), bf16.teacher_forward(x)
+    assert ref.logits.dtype == torch.float32 and low.logits.dtype == torch.bfloat16
+    assert not torch.equal(ref.logits, low.logits.float())
+    torch.testing.assert_close(low.logits.float(), ref.logits, atol=0.05, rtol=0.05)
+    x, y = batch(4)
+    loss, _ = bf16.loss(model, x, y, model(x))
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="teacher_precision must be 'fp32' or 'bf16'"):
+        make("spnet_code", teacher_precision="fp16")
+
+
+def test_exec_rate_and_path_distill_over_gated_blocks_only():
+    model, method, _ = make("aig")
+    rates = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    method.gated_blocks = [True, False, True, False]
+    method._device_cache.clear()
+    assert method.exec_rate(rates).item() == pytest.approx(0.4)
+    method.gated_blocks = [False] * 4
+    assert method.exec_rate(rates).item() == 1.0
+    s, t = torch.zeros(2, 4, 2), torch.zeros(2, 4, 2)
+    t[:, 1] = 3.0  # only an ungated block differs
+    assert path_distill(s, t, [True, False, True, True]).item() == 0.0
+    assert path_distill(s, t, [True, True, False, False]).item() == pytest.approx(4.5)
+    assert path_distill(s, t, torch.tensor([True, True, False, False])).item() == pytest.approx(4.5)

@@ -7,7 +7,7 @@ Usage:
 Each run starts N rank processes the way ``spnet train trainer.nprocs=N`` does (RANK / WORLD_SIZE / LOCAL_RANK /
 LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT, torch threads = cores // N, DALI threads = data.num_threads // N) and
 runs the trainer's own pieces on the composed Hydra config: ``init_distributed`` (gloo), ``build_model``,
-``build_method``, the torch SGD optimizer in ``deepspeed.initialize`` with ``deepspeed_config`` (ZeRO-1), the DALI
+``build_method``, the trainer's SGD (``build_optimizer``) in ``deepspeed.initialize`` with ``deepspeed_config`` (ZeRO-1), the DALI
 ``build_loader`` sharded by rank, and the trainer's step (``engine(x)``, ``method.loss``, ``engine.backward``,
 ``engine.step``). No evaluation, checkpoints or MLflow: only steps are timed. Weak scaling, as ``trainer.nprocs``:
 the batch per rank is fixed, so N ranks process N x batch images per step.
@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     from spnet_dist.config import compose
     from spnet_dist.data.loaders import build_loader
     from spnet_dist.engine.rng import seed_all
-    from spnet_dist.engine.trainer import deepspeed_config, init_distributed
+    from spnet_dist.engine.trainer import build_optimizer, deepspeed_config, init_distributed
     from spnet_dist.methods import build_method, prepare_method_cfg
     from spnet_dist.models import build_model
 
@@ -75,8 +75,7 @@ def worker(args: argparse.Namespace) -> None:
     seed_all(cfg.seed)
     method_cfg = prepare_method_cfg(cfg.method, cfg.model)
     model = build_model(cfg.model, method_cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world))
     method = build_method(method_cfg, engine.module)
     seed_all(cfg.seed + 1000 * rank)

@@ -8,7 +8,7 @@ Usage:
 One process, one set of model instances. Every variant runs exactly the trainer's step
 (``spnet_dist.engine.trainer``): ``out = engine(x)``; ``loss, terms = method.loss(engine.module, x, y, out)``;
 ``engine.backward(loss)``; ``engine.step()``, with the trainer's DeepSpeed config (ZeRO-1, 1 rank, gloo) and its
-torch SGD optimizer (momentum 0.9, weight decay 1e-4; lr 0.01 so random data stays finite). Inputs are a fixed random
+SGD (``build_optimizer``: fused, momentum 0.9, weight decay 1e-4; lr 0.01 so random data stays finite). Inputs are a fixed random
 batch (time does not depend on pixel values: training runs every block densely, whatever the gates decide).
 
 Variants (``base[:option+option]``):
@@ -18,7 +18,7 @@ Variants (``base[:option+option]``):
   spnet             SP-Net (configs/method/spnet_code.yaml): gates, multi-stage heads, EMA teacher (update + forward
                     in inference mode), all five loss terms — the step as the trainer runs it
   :nograd           teacher forward under ``torch.no_grad`` (the step before the lean-step change)
-  :bf16teacher      what-if: teacher forward under CPU/GPU autocast bf16 (student fp32)
+  :bf16teacher      ``method.teacher_precision=bf16``: teacher forward under bf16 autocast (student fp32)
   :noteacher        what-if: w_logits = w_path = 0 (no teacher forward; the EMA still runs) = the limit of
                     "teacher every k steps" for k -> infinity
   :cl               channels_last input (parameters stay NCHW: convolutions follow the input's format)
@@ -62,6 +62,8 @@ def method_cfg(base: str, options: set[str]) -> dict[str, Any]:
         cfg["gate_mask"] = None
     if "noteacher" in options:
         cfg["w_logits"] = cfg["w_path"] = 0.0
+    if "bf16teacher" in options:
+        cfg["teacher_precision"] = "bf16"
     return cfg
 
 
@@ -74,7 +76,7 @@ class Variant:
     """One model + method + engine, and its timed training step."""
 
     def __init__(self, spec: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> None:
-        from spnet_dist.engine.trainer import deepspeed_config
+        from spnet_dist.engine.trainer import build_optimizer, deepspeed_config
         from spnet_dist.methods import build_method, prepare_method_cfg
         from spnet_dist.models import build_model
 
@@ -95,7 +97,8 @@ class Variant:
         model = model.to(device=device)
         self.x = x.to(device).contiguous(memory_format=self.memory_format)
         self.y = y.to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        opt = build_optimizer(model, {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+                                      "fused": not args.unfused_sgd})
         self.amp = "bf16" in self.options
         if args.engine == "deepspeed":
             import deepspeed
@@ -128,8 +131,7 @@ class Variant:
         if base == "spnet":
             self.method.teacher_inference_mode = "nograd" not in self.options
             self._wrap("ema", "ema_update")
-            self._wrap("teacher", "teacher_forward",
-                       self.autocast if self.options & {"bf16teacher", "bf16"} else None)
+            self._wrap("teacher", "teacher_forward", self.autocast if "bf16" in self.options else None)
 
     def autocast(self) -> Any:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -284,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=["static", "aig", "spnet"])
     p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed")
     p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--unfused-sgd", action="store_true", help="torch's per-parameter SGD (trainer: optim.fused=false)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one SP-Net step")
     bc.add_common_args(p, "bench_step")
     args = p.parse_args(argv)

@@ -105,6 +105,7 @@ class Method:
         self.gated_blocks: list[bool] = [bool(g) for g in gated]
         self.num_blocks = len(self.gated_blocks)
         self.step = 0  # number of loss() calls (micro-batches) so far
+        self._device_cache: dict[tuple[str, torch.device], Tensor] = {}
 
     # ------------------------------------------------------------------ config-time hook
     @classmethod
@@ -114,19 +115,31 @@ class Method:
 
     # ------------------------------------------------------------------ per-iteration objective
     def gated_mask(self, device: torch.device) -> Tensor:
-        return as_bool_mask(self.gated_blocks, self.num_blocks, device)
+        """``(L,)`` bool mask of gated blocks on ``device`` (cached: no host-to-device copy per step)."""
+        key = ("mask", torch.device(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = as_bool_mask(self.gated_blocks, self.num_blocks, device)
+        return self._device_cache[key]
+
+    def gated_index(self, device: torch.device) -> Tensor:
+        """Indices of the gated blocks on ``device`` (cached). ``index_select`` with it needs no host sync, unlike
+        boolean-mask indexing."""
+        key = ("index", torch.device(device))
+        if key not in self._device_cache:
+            idx = [i for i, g in enumerate(self.gated_blocks) if g]
+            self._device_cache[key] = torch.tensor(idx, dtype=torch.long, device=device)
+        return self._device_cache[key]
 
     def block_rates(self, out: "ModelOutput") -> Tensor:
         """Per-block execution rates over the *global* batch (differentiable; straight-through through the gates)."""
         return global_mean(out.gates, dim=0)
 
-    @staticmethod
-    def exec_rate(rates: Tensor, gated_mask: Tensor) -> Tensor:
-        """Mean global rate over gated blocks (1.0 when nothing is gated)."""
+    def exec_rate(self, rates: Tensor) -> Tensor:
+        """Mean global rate over gated blocks (1.0 when nothing is gated); no host sync."""
         r = rates.detach()
-        if not bool(gated_mask.any()):
+        if not any(self.gated_blocks):
             return torch.ones((), dtype=r.dtype, device=r.device)
-        return r[gated_mask].mean()
+        return r.index_select(0, self.gated_index(r.device)).mean()
 
     def loss(
         self, model: torch.nn.Module, images: Tensor, labels: Tensor, out: "ModelOutput"
@@ -256,10 +269,9 @@ class GatedMethod(Method):
         """Returns (unweighted rate loss, global per-block rates, logging dict)."""
         rates = self.block_rates(out)
         r_loss = rate_loss(rates, self.targets, self.rate_loss_mask, one_sided=self.one_sided)
-        gated = self.gated_mask(rates.device)
         logs = {
             "rate_loss": r_loss.detach(),
-            "exec_rate": self.exec_rate(rates, gated),
+            "exec_rate": self.exec_rate(rates),
             "block_rates": rates.detach(),
         }
         return r_loss, rates, logs

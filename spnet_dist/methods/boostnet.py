@@ -161,7 +161,7 @@ class BoostNet(Method):
         logs = {
             "ce": per_exit[-1].detach(),
             "rate_loss": total.new_zeros(()),
-            "exec_rate": self.exec_rate(rates, self.gated_mask(rates.device)),
+            "exec_rate": self.exec_rate(rates),
             "block_rates": rates.detach(),
         }
         for k, ce in enumerate(per_exit, start=1):

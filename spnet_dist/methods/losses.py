@@ -138,12 +138,20 @@ def path_distill(
     """
     if gate_logits.shape != teacher_gate_logits.shape:
         raise ValueError(f"gate logits {tuple(gate_logits.shape)} vs teacher {tuple(teacher_gate_logits.shape)}")
-    mask = as_bool_mask(gated_mask, gate_logits.shape[1], gate_logits.device)
-    if not bool(mask.any()):
+    num_blocks = gate_logits.shape[1]
+    if gated_mask is None or isinstance(gated_mask, Tensor):
+        mask = as_bool_mask(gated_mask, num_blocks, gate_logits.device).tolist()  # one host copy (tensor masks)
+    else:
+        mask = [bool(g) for g in gated_mask]
+        if len(mask) != num_blocks:
+            raise ValueError(f"gated mask has {len(mask)} entries, expected {num_blocks}")
+    if not any(mask):
         return gate_logits.sum() * 0.0
-    s = gate_logits[:, mask]
-    t = teacher_gate_logits.detach()[:, mask].to(s.dtype)
-    return F.mse_loss(s, t)
+    s, t = gate_logits, teacher_gate_logits.detach()
+    if not all(mask):  # index_select: no host sync (boolean indexing would wait for the device)
+        idx = torch.tensor([i for i, g in enumerate(mask) if g], device=s.device)
+        s, t = s.index_select(1, idx), t.index_select(1, idx)
+    return F.mse_loss(s, t.to(s.dtype))
 
 
 def _one_minus_cos(a: Tensor, b: Tensor) -> Tensor:

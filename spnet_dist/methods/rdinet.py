@@ -108,8 +108,8 @@ class RDINet(GatedMethod):
         hist = histogram_features(images, self.hist_bins, self.hist_range)
         dist = pairwise_l2(hist)
         a, p, n = srm_triplets(dist, self.tie_tol)
-        mask = self.gated_mask(out.gate_logits.device)
-        paths = F.softmax(out.gate_logits[:, mask].float() / self.tau, dim=-1)
+        gated = self.gated_index(out.gate_logits.device)
+        paths = F.softmax(out.gate_logits.index_select(1, gated).float() / self.tau, dim=-1)
         return rank_loss(paths, a, p, n, self.srm_margin, self.rank_reduction), int(a.numel())
 
     def _loss(
@@ -119,7 +119,6 @@ class RDINet(GatedMethod):
 
         ce = F.cross_entropy(out.logits, labels)
         rates = self.block_rates(out)  # v_n: global-batch mean executed fraction (straight-through)
-        gated = self.gated_mask(rates.device)
         l_cost = cost_loss(rates, self.targets, self.rate_loss_mask)
         if self.cost_reduction == "mean":
             l_cost = l_cost / rates.numel()
@@ -131,14 +130,14 @@ class RDINet(GatedMethod):
         else:
             l_rank, n_trip = self.srm_loss(images, out) if self.srm_weight != 0.0 else (zero, 0)
             total = ce + self.rate_weight * l_cost + self.srm_weight * l_rank
-        route = route_of(out.gates.detach())[:, gated]
+        route = route_of(out.gates.detach()).index_select(1, self.gated_index(rates.device))
         counts = [(route == k).float().mean() if route.numel() else zero for k in range(3)]
         logs = {
             "ce": ce.detach(),
             "rate_loss": l_cost.detach(),
             "rank_loss": l_rank.detach(),
             "srm_triplets": torch.tensor(float(n_trip)),
-            "exec_rate": self.exec_rate(rates, gated),
+            "exec_rate": self.exec_rate(rates),
             "block_rates": rates.detach(),
             "skip_rate": counts[0],
             "light_rate": counts[1],

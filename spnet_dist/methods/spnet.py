@@ -27,6 +27,7 @@ supported (shapes are checked); ZeRO 0–2 are fine. The teacher lives on every 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Mapping
@@ -50,7 +51,7 @@ DEFAULT_HEAD_WEIGHTS = (0.01, 0.1, 0.2, 1.0)  # for [o1, o2, o3, o4]
 class SPNet(GatedMethod):
     """SP-Net objective with an EMA teacher. Config keys (besides GatedMethod's): ``head_weights``, ``w_logits``,
     ``w_path``, ``w_evo``, ``evo_form`` (consecutive|official), ``ema_momentum``, ``teacher_mode`` (train|eval),
-    ``teacher_buffers`` (copy|ema|own)."""
+    ``teacher_buffers`` (copy|ema|own), ``teacher_precision`` (fp32|bf16)."""
 
     name = "spnet"
     default_rate_loss = "one_sided"
@@ -66,6 +67,7 @@ class SPNet(GatedMethod):
         self.momentum = float(cfg_get(c, "ema_momentum", 0.9))
         self.teacher_mode = str(cfg_get(c, "teacher_mode", "train"))
         self.teacher_buffers = str(cfg_get(c, "teacher_buffers", "copy"))
+        self.teacher_precision = str(cfg_get(c, "teacher_precision", "fp32"))
         if self.evo_form not in ("consecutive", "official"):
             raise ValueError(f"evo_form must be 'consecutive' or 'official', got {self.evo_form!r}")
         if not 0.0 <= self.momentum <= 1.0:
@@ -74,6 +76,8 @@ class SPNet(GatedMethod):
             raise ValueError(f"teacher_mode must be 'train' or 'eval', got {self.teacher_mode!r}")
         if self.teacher_buffers not in ("copy", "ema", "own"):
             raise ValueError(f"teacher_buffers must be 'copy', 'ema' or 'own', got {self.teacher_buffers!r}")
+        if self.teacher_precision not in ("fp32", "bf16"):
+            raise ValueError(f"teacher_precision must be 'fp32' or 'bf16', got {self.teacher_precision!r}")
         if self.w_evo > 0 and not bool(cfg_get(c, "multi_stage_heads", False)):
             raise ValueError("w_evo > 0 needs multi_stage_heads: true (L_evo uses the aligned stage features)")
         self.reset_teacher(model)
@@ -161,11 +165,16 @@ class SPNet(GatedMethod):
     teacher_inference_mode = True  # False: plain no_grad forward (tools/bench_step.py compares both)
 
     def teacher_forward(self, images: Tensor) -> "ModelOutput":
+        """The teacher's outputs on ``images``; ``teacher_precision: bf16`` runs it under bf16 autocast (BN stays
+        fp32; on CPU it cuts the teacher's share of the step by ~45 %, BENCHMARKS.md). Under the trainer's
+        ``deepspeed.bf16_autocast`` the whole step, teacher included, is already bf16."""
         self.teacher.train(self.teacher_mode == "train")
+        precision = (torch.autocast(images.device.type, dtype=torch.bfloat16) if self.teacher_precision == "bf16"
+                     else contextlib.nullcontext())
         if not self.teacher_inference_mode:
-            with torch.no_grad():
+            with torch.no_grad(), precision:
                 return self.teacher(images)
-        with torch.inference_mode():
+        with torch.inference_mode(), precision:
             out = self.teacher(images)
         return dataclasses.replace(out, logits=out.logits.clone(), gate_logits=out.gate_logits.clone())
 
