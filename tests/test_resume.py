@@ -17,7 +17,7 @@ from spnet_dist.engine.checkpoint import COMPLETE, resolve_resume
 
 # 4 classes x 16 images, 2 ranks x batch 4 -> 8 steps per epoch; checkpoint at step 5 is mid-epoch.
 TWO_RANKS = ["trainer.nprocs=2", "trainer.batch_size=4", "method=spnet_code", "checkpoint.every_steps=5",
-             "trainer.sync_check_every=3"]
+             "deepspeed=zero1", "trainer.sync_check_every=3"]
 
 
 def _history(db: Path, run_id: str, key: str) -> dict[int, float]:
@@ -110,9 +110,10 @@ def test_sigterm_saves_exits_with_documented_code_and_resume_continues(tiny_data
 
 
 def test_world_size_change_zero1_refuses_with_conversion_hint(tiny_data, tmp_path):
-    run_spnet(*tiny_train_args(tiny_data, tmp_path, "trainer.nprocs=2", "trainer.batch_size=4",
+    run_spnet(*tiny_train_args(tiny_data, tmp_path, "deepspeed=zero1", "trainer.nprocs=2", "trainer.batch_size=4",
                                "trainer.max_steps=3"), cwd=tmp_path)
-    proc = run_spnet(*tiny_train_args(tiny_data, tmp_path, "trainer.max_steps=5"), cwd=tmp_path, check=False)
+    proc = run_spnet(*tiny_train_args(tiny_data, tmp_path, "deepspeed=zero1", "trainer.max_steps=5"), cwd=tmp_path,
+                     check=False)
     assert proc.returncode == 2
     assert "written by 2 ranks" in proc.stderr and "ds_to_universal" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -7,13 +7,13 @@ Usage:
 Each run starts N rank processes the way ``spnet train trainer.nprocs=N`` does (RANK / WORLD_SIZE / LOCAL_RANK /
 LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT, torch threads = cores // N, DALI threads = data.num_threads // N) and
 runs the trainer's own pieces on the composed Hydra config: ``init_distributed`` (gloo), ``build_model``,
-``build_method``, the trainer's SGD (``build_optimizer``) in ``deepspeed.initialize`` with ``deepspeed_config`` (ZeRO-1), the DALI
+``build_method``, the trainer's SGD (``build_optimizer``) in ``deepspeed.initialize`` with ``deepspeed_config`` (ZeRO-0), the DALI
 ``build_loader`` sharded by rank, and the trainer's step (``engine(x)``, ``method.loss``, ``engine.backward``,
 ``engine.step``). No evaluation, checkpoints or MLflow: only steps are timed. Weak scaling, as ``trainer.nprocs``:
 the batch per rank is fixed, so N ranks process N x batch images per step.
 
 Per run: ``--warmup`` untimed steps, then ``--steps`` timed ones; img/s = images of all ranks / wall time of the
-timed steps. Per step and rank the parts are timed too: waiting for data, forward + loss, backward (ZeRO-1 reduces
+timed steps. Per step and rank the parts are timed too: waiting for data, forward + loss, backward (DeepSpeed reduces
 the gradients here), optimizer step; plus a separate all-reduce of a gradient-sized float32 buffer; and images per
 CPU-second (process CPU time of all ranks over the timed steps: the cost per image, less sensitive to other load). Runs alternate
 between rank counts (``--rounds`` rounds, rotated order); reported: medians over rounds, and img/s of N ranks /
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--deepspeed", default="zero1")
+    p.add_argument("--deepspeed", default="zero0")
     p.add_argument("--data", default=str(bc.BENCH_DIR / "tiny-imagenet"))
     p.add_argument("--per-class", type=int, default=60, help="training images per class when making --data")
     p.add_argument("--timeout", type=float, default=900)

@@ -7,7 +7,7 @@ Usage:
 
 One process, one set of model instances. Every variant runs exactly the trainer's step
 (``spnet_dist.engine.trainer``): ``out = engine(x)``; ``loss, terms = method.loss(engine.module, x, y, out)``;
-``engine.backward(loss)``; ``engine.step()``, with the trainer's DeepSpeed config (ZeRO-1, 1 rank, gloo) and its
+``engine.backward(loss)``; ``engine.step()``, with the trainer's DeepSpeed config (ZeRO-0 as the default config, 1 rank, gloo) and its
 SGD (``build_optimizer``: fused, momentum 0.9, weight decay 1e-4; lr 0.01 so random data stays finite). Inputs are a fixed random
 batch (time does not depend on pixel values: training runs every block densely, whatever the gates decide).
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--variants", nargs="+", default=["static", "aig", "spnet"])
     p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed")
-    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--unfused-sgd", action="store_true", help="torch's per-parameter SGD (trainer: optim.fused=false)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one SP-Net step")
     bc.add_common_args(p, "bench_step")
