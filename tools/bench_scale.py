@@ -62,6 +62,7 @@ def worker(args: argparse.Namespace) -> None:
     import spnet_dist.engine.distributed as D
     from spnet_dist.config import compose
     from spnet_dist.data.loaders import build_loader
+    from spnet_dist.engine.malloc import keep_freed_memory
     from spnet_dist.engine.rng import seed_all
     from spnet_dist.engine.trainer import build_optimizer, deepspeed_config, init_distributed
     from spnet_dist.methods import build_method, prepare_method_cfg
@@ -69,6 +70,8 @@ def worker(args: argparse.Namespace) -> None:
 
     cfg = compose(overrides(args))
     init_distributed()
+    if not torch.cuda.is_available() and cfg.trainer.cpu_malloc_tuning:
+        keep_freed_memory()
     rank, world = D.rank(), D.world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(cfg.trainer.threads or max(1, (os.cpu_count() or 1) // local_world))

@@ -197,6 +197,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+    elif not args.default_malloc:  # as the trainer does (trainer.cpu_malloc_tuning=true)
+        from spnet_dist.engine.malloc import keep_freed_memory
+
+        keep_freed_memory()
     if args.engine == "deepspeed":
         os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 1000))
         init_distributed()
@@ -286,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=["static", "aig", "spnet"])
     p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed")
     p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="glibc's default malloc thresholds (trainer: trainer.cpu_malloc_tuning=false)")
     p.add_argument("--unfused-sgd", action="store_true", help="torch's per-parameter SGD (trainer: optim.fused=false)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one SP-Net step")
     bc.add_common_args(p, "bench_step")

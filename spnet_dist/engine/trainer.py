@@ -25,6 +25,7 @@ from ..errors import SpnetError
 from . import distributed as D
 from . import preempt
 from .checkpoint import Checkpointer, resolve_resume, saved_world_size
+from .malloc import keep_freed_memory
 from .evaluate import evaluate
 from .rng import rng_state, seed_all, set_rng_state
 from .schedule import EpochClock, lr_factor
@@ -208,6 +209,8 @@ def train(cfg: Any) -> dict[str, Any]:
     # inputs (parameters stay NCHW for DeepSpeed; convolutions follow the input's memory format)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+    elif cfg.trainer.get("cpu_malloc_tuning", True):
+        keep_freed_memory()  # CPU: no page faults for the activations every step re-allocates
     channels_last = (torch.cuda.is_available() if cfg.trainer.get("channels_last") is None
                      else bool(cfg.trainer.channels_last))
     # deepspeed.bf16_autocast: the engine autocasts the student forward; the method's teacher forward and losses
