@@ -25,8 +25,8 @@ from ..errors import SpnetError
 from . import distributed as D
 from . import preempt
 from .checkpoint import Checkpointer, resolve_resume, saved_world_size
-from .malloc import keep_freed_memory
 from .evaluate import evaluate
+from .malloc import keep_freed_memory
 from .rng import rng_state, seed_all, set_rng_state
 from .schedule import EpochClock, lr_factor
 
@@ -84,8 +84,8 @@ def param_groups(model: torch.nn.Module, no_decay_bn: bool) -> list[dict[str, An
 
 def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.SGD:
     """SGD of ``optim`` (lr, momentum, weight_decay, nesterov, fused, no_decay_bn). ``fused``: one multi-tensor
-    kernel per step (CPU and CUDA) instead of torch's per-parameter loop; on CPU it halves the optimizer step
-    (BENCHMARKS.md)."""
+    kernel per step (CPU and CUDA) instead of torch's per-parameter loop (SP-Net ResNet-50 on CPU under ZeRO-1:
+    203 → 151 ms per optimizer step, BENCHMARKS.md)."""
     return torch.optim.SGD(param_groups(model, bool(optim.get("no_decay_bn", False))), lr=optim["lr"],
                            momentum=optim["momentum"], weight_decay=optim["weight_decay"],
                            nesterov=bool(optim.get("nesterov", False)), fused=bool(optim.get("fused", False)) or None)
