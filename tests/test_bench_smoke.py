@@ -29,10 +29,10 @@ def run_tool(name: str, *args: str, tmp: Path, timeout: float = 240) -> tuple[st
 def test_bench_step_tiny(tmp_path):
     out, rows = run_tool("bench_step", "--model", "resnet_tiny", "--image-size", "32", "--batch", "2",
                          "--threads", "1", "--rounds", "2", "--warmup", "1",
-                         "--variants", "static", "aig", "spnet", "spnet:nograd", tmp=tmp_path)
+                         "--variants", "static", "aig", "spnet", "spnet:bf16teacher", tmp=tmp_path)
     assert "÷ static" in out and "teacher" in out and "load average" in out
     by = {r["variant"]: r for r in rows}
-    assert set(by) == {"static", "aig", "spnet", "spnet:nograd"}
+    assert set(by) == {"static", "aig", "spnet", "spnet:bf16teacher"}
     assert by["static"]["ratio"] == pytest.approx(1.0)
     sp = by["spnet"]["parts_ms"]
     assert sp["teacher"] > 0 and sp["ema"] > 0 and sp["forward"] > 0 and sp["backward"] > 0

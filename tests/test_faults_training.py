@@ -1,6 +1,7 @@
 """Numerical and disk faults during real training runs: one clear message, nothing good lost."""
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_nan_loss_skip_policy_on_two_ranks_skips_the_update(tiny_data, tmp_path)
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2.5 MiB tmpfs: one tiny checkpoint (~1.7 MiB) fits, a second does not."""
+    """A 2.5 MiB tmpfs: two tiny checkpoints (~1.1 MiB each with ZeRO-0) fit, the third does not."""
     mnt = tmp_path / "small_disk"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(mnt)],
@@ -56,7 +57,11 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_data, tmp_path
     proc = run_spnet(*args, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     line = _one_error_line(proc.stderr, "could not write checkpoint")
-    assert "the disk is full" in line and f"{small_disk / 'global_step2'} is intact" in line
-    assert complete_tags(small_disk) == ["global_step2"] and problem_with(small_disk, "global_step2") is None
-    assert (small_disk / LATEST).read_text() == "global_step2"
-    assert not (small_disk / "global_step4").exists()  # the partial write was removed
+    failed = re.search(r"could not write checkpoint (\S+) \(the disk is full", line)
+    kept = re.search(r"the previous checkpoint (\S+) is intact", line)
+    assert failed and kept, line
+    failed_tag, kept_tag = Path(failed.group(1)), Path(kept.group(1))
+    assert failed_tag.parent == kept_tag.parent == small_disk
+    assert complete_tags(small_disk)[-1] == kept_tag.name and problem_with(small_disk, kept_tag.name) is None
+    assert (small_disk / LATEST).read_text() == kept_tag.name
+    assert not failed_tag.exists()  # the partial write was removed
