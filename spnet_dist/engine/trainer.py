@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,9 +61,26 @@ def deepspeed_config(cfg: Any, world: int) -> dict[str, Any]:
     return conf
 
 
+def extensions_dir_per_environment() -> None:
+    """Build DeepSpeed's JIT ops (the CPU ``deepspeed_shm_comm``) inside this Python environment: in the shared
+    ``~/.cache/torch_extensions`` two virtualenvs invalidate each other's build (it records their include paths)
+    and rebuild it in turn (~30 s each time). An explicit ``TORCH_EXTENSIONS_DIR`` wins; a read-only environment
+    keeps torch's default."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return
+    target = Path(sys.prefix) / "torch_extensions"
+    try:
+        target.mkdir(exist_ok=True)
+    except OSError:
+        return
+    if os.access(target, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(target)
+
+
 def init_distributed() -> None:
     import deepspeed
 
+    extensions_dir_per_environment()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
