@@ -31,6 +31,18 @@ def test_nan_loss_stops_naming_step_terms_and_last_good_checkpoint(tiny_data, tm
     assert resumed["steps"] == 8  # continues from step 3 to the end of the epoch
 
 
+def test_nan_weights_with_a_finite_loss_are_never_checkpointed(tiny_data, tmp_path):
+    """A NaN gradient with a finite loss passes the loss check; the save right after it must refuse."""
+    proc = run_spnet(*tiny_train_args(tiny_data, tmp_path, "checkpoint.every_steps=2"), cwd=tmp_path,
+                     check=False, env={"SPNET_FAILPOINT": "nan_weights:4"})
+    assert proc.returncode == 2
+    line = _one_error_line(proc.stderr, "non-finite model weights at step 4")
+    ckpt = tmp_path / "ckpt"
+    assert f"last good checkpoint: {ckpt / 'global_step2'}" in line
+    assert complete_tags(ckpt) == ["global_step2"] and not (ckpt / "global_step4").exists()
+    assert (ckpt / LATEST).read_text() == "global_step2"
+
+
 def test_nan_loss_skip_policy_on_two_ranks_skips_the_update(tiny_data, tmp_path):
     proc = run_spnet(*tiny_train_args(tiny_data, tmp_path, "trainer.nprocs=2", "trainer.batch_size=4",
                                       "trainer.on_nonfinite=skip"), cwd=tmp_path,

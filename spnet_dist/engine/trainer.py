@@ -32,7 +32,8 @@ from .rng import rng_state, seed_all, set_rng_state
 from .schedule import EpochClock, lr_factor
 
 log = logging.getLogger("spnet.train")
-FAILPOINT_ENV = "SPNET_FAILPOINT"  # test hooks: "kill_after_save:<step>" (SIGKILL every rank), "nan_loss:<step>"
+FAILPOINT_ENV = "SPNET_FAILPOINT"  # test hooks: "kill_after_save:<step>" (SIGKILL every rank), "nan_loss:<step>",
+# "nan_weights:<step>" (a NaN weight after that step's update, as a NaN gradient with a finite loss would leave)
 
 
 @dataclass
@@ -192,7 +193,21 @@ def on_nonfinite(cfg: Any, step: int, loss: torch.Tensor, terms: dict[str, torch
 
 
 class NonFiniteLossError(SpnetError):
-    """The loss became NaN or infinite."""
+    """The loss, or the weights about to be saved, became NaN or infinite."""
+
+
+def check_finite_state(model: torch.nn.Module, method: Any, step: int, last_ckpt: Path | None) -> None:
+    """Refuse to checkpoint NaN/inf weights (a NaN gradient with a finite loss gets past the loss check): the
+    previous checkpoint and ``latest`` stay as they are. One fused norm per tensor list, once per save."""
+    for what, tensors in (("model weights", list(model.parameters())),
+                          ("method state (e.g. the EMA teacher)", list(method.replicated_tensors()))):
+        floating = [t for t in tensors if t.is_floating_point()]
+        if floating and not bool(torch.isfinite(torch.stack(torch._foreach_norm(floating))).all()):
+            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {step} (a gradient was NaN or infinite although the loss was finite); "
+                f"checkpoint not written, {where} (not overwritten). Resume from it with resume=auto after lowering "
+                f"optim.lr or enabling deepspeed.gradient_clipping")
 
 
 def _failpoint_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
@@ -201,6 +216,13 @@ def _failpoint_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
     if spec.startswith("nan_loss:") and int(spec.split(":", 1)[1]) == step:
         return loss * float("nan")
     return loss
+
+
+def _failpoint_weights(model: torch.nn.Module, step: int) -> None:
+    spec = os.environ.get(FAILPOINT_ENV, "")
+    if spec.startswith("nan_weights:") and int(spec.split(":", 1)[1]) == step:
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
 
 
 def _failpoint(step: int) -> None:
@@ -310,6 +332,7 @@ def train(cfg: Any) -> dict[str, Any]:
     images_seen, t_start, preempted = 0, time.perf_counter(), False
 
     def save() -> Path:
+        check_finite_state(engine.module, method, prog.step, last_ckpt)
         D.average_buffers(engine.module)  # one set of BN statistics, whichever rank's file is read
         state = {"progress": asdict(prog), "method": method.state_dict(), "rng": gather_objects(rng_state()),
                  "data": gather_objects(train_loader.state_dict()["dali"]), "config": to_container(cfg)}
@@ -363,6 +386,7 @@ def train(cfg: Any) -> dict[str, Any]:
             clock.epochs = prog.epoch + prog.batch_in_epoch / steps_per_epoch
             if finite:
                 engine.step()
+                _failpoint_weights(engine.module, prog.step)
             images_seen += images.shape[0] * world
             if prog.step % cfg.trainer.log_every == 0:
                 logged = global_scalars({"loss": loss.detach(), **terms})
