@@ -231,26 +231,81 @@ def _failpoint(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(cfg: Any) -> dict[str, Any]:
-    """Run training on this rank; returns the summary (rank 0's is printed by the CLI)."""
-    import deepspeed
-
-    from ..data.loaders import build_loader
-    from ..methods import build_method, prepare_method_cfg
-    from ..models import build_model, cost_table
-    from ..tracking.mlflow_tracker import Tracker
-
+def setup_process(cfg: Any) -> tuple[int, int]:
+    """Signal handlers, process group, threads and backend switches of this rank; returns (rank, world size)."""
     preempt.install()
     init_distributed()
     rank, world = D.rank(), D.world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(cfg.trainer.threads or max(1, (os.cpu_count() or 1) // local_world))
-    # GPU path (CUDA only; CPU runs keep their exact, bitwise-resumable behaviour): cuDNN autotuning, channels_last
-    # inputs (parameters stay NCHW for DeepSpeed; convolutions follow the input's memory format)
+    # GPU path (CUDA only; CPU runs keep their exact, bitwise-resumable behaviour): cuDNN autotuning
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
     elif cfg.trainer.get("cpu_malloc_tuning", True):
         keep_freed_memory()  # CPU: no page faults for the activations every step re-allocates
+    return rank, world
+
+
+def resume_point(cfg: Any, world: int) -> tuple[tuple[Path, str] | None, bool]:
+    """The checkpoint to resume from (``cfg.resume``) and whether it was written by as many ranks as this run has;
+    refuses a world-size change where the optimizer state is partitioned per rank."""
+    found = resolve_resume(cfg.resume, cfg.checkpoint.dir)
+    same_world = found is None or saved_world_size(*found) == world
+    if found and not same_world and cfg.deepspeed.stage > 0:
+        raise ValueError(
+            f"checkpoint {found[0] / found[1]} was written by {saved_world_size(*found)} ranks with ZeRO stage "
+            f"{cfg.deepspeed.stage} (optimizer state partitioned per rank); this run has {world} ranks. Resume "
+            f"with {saved_world_size(*found)} ranks, or convert it with `python -m deepspeed.checkpoint."
+            f"ds_to_universal --input_folder {found[0] / found[1]} --output_folder <dir>`; runs with deepspeed=zero0 "
+            f"resume on any number of ranks")
+    return found, same_world
+
+
+def restore(cfg: Any, engine: Any, method: Any, found: tuple[Path, str],
+            same_world: bool) -> tuple[Progress, dict[str, Any]]:
+    """Load engine, method, progress and this rank's RNG streams; returns (progress, client state)."""
+    rank, world = D.rank(), D.world_size()
+    client = Checkpointer.load(engine, *found)
+    method.load_state_dict(client["method"])
+    prog = Progress(**client["progress"])
+    if same_world:
+        set_rng_state(client["rng"][rank])
+    else:  # no exact continuation possible: restart the interrupted epoch with fresh streams
+        seed_all(cfg.seed + 1000 * rank + prog.step)
+        if prog.batch_in_epoch and rank == 0:
+            log.warning("world size changed %d -> %d: the DALI reader position is per rank and cannot be "
+                        "carried over; epoch %d restarts at its beginning", saved_world_size(*found), world,
+                        prog.epoch + 1)
+        prog.batch_in_epoch = 0
+    if rank == 0:
+        log.info("resumed from %s (epoch %d, step %d)", found[0] / found[1], prog.epoch, prog.step)
+    return prog, client
+
+
+def build_loaders(cfg: Any, method: Any, dali_state: Any) -> tuple[Any, Any]:
+    """This rank's training loader (restored to ``dali_state`` when given; without the method's held-out images)
+    and validation loader."""
+    from ..data.loaders import build_loader
+
+    rank, world = D.rank(), D.world_size()
+    held_out = method.train_exclusions(Path(cfg.data.root) / "train") if hasattr(method, "train_exclusions") else ()
+    train_loader = build_loader(cfg, train=True, shard_id=rank, num_shards=world, checkpoint=dali_state,
+                                exclude=held_out)
+    if len(train_loader) == 0:
+        raise ValueError(f"trainer.batch_size={cfg.trainer.batch_size} x {world} ranks is larger than the "
+                         f"training shard ({train_loader.shard_size} images); use a smaller batch size")
+    return train_loader, build_loader(cfg, train=False, shard_id=rank, num_shards=world)
+
+
+def train(cfg: Any) -> dict[str, Any]:
+    """Run training on this rank; returns the summary (rank 0's is printed by the CLI)."""
+    import deepspeed
+
+    from ..methods import build_method, prepare_method_cfg
+    from ..models import build_model, cost_table
+    from ..tracking.mlflow_tracker import Tracker
+
+    rank, world = setup_process(cfg)
     channels_last = (torch.cuda.is_available() if cfg.trainer.get("channels_last") is None
                      else bool(cfg.trainer.channels_last))
     # deepspeed.bf16_autocast: the engine autocasts the student forward; the method's teacher forward and losses
@@ -261,15 +316,7 @@ def train(cfg: Any) -> dict[str, Any]:
 
     # --- where do we start? (decided before building loaders: the DALI state is per rank)
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
-    found = resolve_resume(cfg.resume, cfg.checkpoint.dir)
-    same_world = found is None or saved_world_size(*found) == world
-    if found and not same_world and cfg.deepspeed.stage > 0:
-        raise ValueError(
-            f"checkpoint {found[0] / found[1]} was written by {saved_world_size(*found)} ranks with ZeRO stage "
-            f"{cfg.deepspeed.stage} (optimizer state partitioned per rank); this run has {world} ranks. Resume "
-            f"with {saved_world_size(*found)} ranks, or convert it with `python -m deepspeed.checkpoint."
-            f"ds_to_universal --input_folder {found[0] / found[1]} --output_folder <dir>`; runs with deepspeed=zero0 "
-            f"resume on any number of ranks")
+    found, same_world = resume_point(cfg, world)
 
     method_cfg = prepare_method_cfg(cfg.method, cfg.model)
     model = build_model(cfg.model, method_cfg)
@@ -286,32 +333,10 @@ def train(cfg: Any) -> dict[str, Any]:
     table = cost_table(engine.module, cfg.data.image_size)
     seed_all(cfg.seed + 1000 * rank)  # per-rank Gumbel / dropout streams
 
-    prog, client = Progress(), None
-    if found:
-        client = Checkpointer.load(engine, *found)
-        method.load_state_dict(client["method"])
-        prog = Progress(**client["progress"])
-        if same_world:
-            set_rng_state(client["rng"][rank])
-        else:  # no exact continuation possible: restart the interrupted epoch with fresh streams
-            seed_all(cfg.seed + 1000 * rank + prog.step)
-            if prog.batch_in_epoch and rank == 0:
-                log.warning("world size changed %d -> %d: the DALI reader position is per rank and cannot be "
-                            "carried over; epoch %d restarts at its beginning", saved_world_size(*found), world,
-                            prog.epoch + 1)
-            prog.batch_in_epoch = 0
-        if rank == 0:
-            log.info("resumed from %s (epoch %d, step %d)", found[0] / found[1], prog.epoch, prog.step)
+    prog, client = restore(cfg, engine, method, found, same_world) if found else (Progress(), None)
 
-    dali_state = client["data"][rank] if client and same_world else None
-    held_out = method.train_exclusions(Path(cfg.data.root) / "train") if hasattr(method, "train_exclusions") else ()
-    train_loader = build_loader(cfg, train=True, shard_id=rank, num_shards=world, checkpoint=dali_state,
-                                exclude=held_out)
-    val_loader = build_loader(cfg, train=False, shard_id=rank, num_shards=world)
+    train_loader, val_loader = build_loaders(cfg, method, client["data"][rank] if client and same_world else None)
     steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"trainer.batch_size={cfg.trainer.batch_size} x {world} ranks is larger than the "
-                         f"training shard ({train_loader.shard_size} images); use a smaller batch size")
     clock.steps_per_epoch = steps_per_epoch
     clock.epochs = prog.epoch + prog.batch_in_epoch / steps_per_epoch
     if not found:  # the first LR was computed before the epoch length was known
