@@ -522,7 +522,7 @@ def validate(cfg: DictConfig, data: bool = True) -> None:
                           f"trainer.nprocs between 1 and {_cores()}")
     if not data:
         return
-    from .data.check import check_classes_agree, check_layout, quick_check, usable_files
+    from .data.check import check_classes_agree, check_layout, usable_files
 
     world = int(os.environ["WORLD_SIZE"]) if launcher else nprocs
     root = Path(str(cfg.data.root))
@@ -531,9 +531,17 @@ def validate(cfg: DictConfig, data: bool = True) -> None:
     scan, on_corrupt = str(cfg.data.get("scan", "quick")), str(cfg.data.get("on_corrupt", "skip"))
     for split in ("train", "val"):
         usable_files(root / split, scan, on_corrupt)  # fills the cached index the ranks' loaders read
+    check_data_fits(cfg, world)
+
+
+def check_data_fits(cfg: DictConfig, world: int) -> None:
+    """Layout, classes vs ``model.num_classes`` and one step of ``trainer.batch_size`` × ``world`` images (no file
+    is opened). A key that does not fit the data is a ConfigError; a broken dataset a DataError."""
+    from .data.check import quick_check
+
     try:
         quick_check(cfg.data, int(cfg.model.num_classes), batch_size=int(cfg.trainer.batch_size), world=world)
-    except ValueError as err:  # a key that does not fit the data is a config error
+    except ValueError as err:
         if str(err).startswith(("model.num_classes=", "trainer.batch_size=")):
             raise ConfigError(str(err)) from None
         raise

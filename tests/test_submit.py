@@ -139,7 +139,8 @@ def assert_resumed_at(hist: list[tuple[int, int]], step: int, min_gap_s: float =
 def test_dry_run_prints_the_sbatch_script(tiny_data, tmp_path):
     """--dry-run: the sbatch directives from the profile, one array task per swept value; nothing submitted."""
     r = run_spnet("submit", "--dry-run", "--cluster", "example_gpu", "--folder", str(tmp_path / "slurm"),
-                  *job_args(tiny_data, tmp_path), "--sweep", "method.target_rate=0.3,0.5", cwd=tmp_path)
+                  *job_args(tiny_data, tmp_path, "trainer.batch_size=4"), "--sweep", "method.target_rate=0.3,0.5",
+                  cwd=tmp_path)  # 16 ranks x 4 = the 64 tiny training images
     script = r.stdout
     for line in ("#!/bin/bash", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --cpus-per-task=10", "#SBATCH --mem=480GB", "#SBATCH --time=1440",
@@ -221,6 +222,10 @@ def test_task_environment_and_checkpoint(monkeypatch):
     (["cluster.signal_delay_s=600"], "signal_delay_s=600 must be shorter"),
     (["trainer.batch_sise=4"], "batch_sise"),
     (["data.root=/nonexistent/imagenet"], "no class folders"),
+    (["model.num_classes=7"], "model.num_classes=7 but"),  # checked on the login node, not in the job
+    (["model.num_classes=4", "trainer.batch_size=40"], "2 rank(s) x 40 = 80 images per step"),
+    (["--cluster", "example_gpu", "model.num_classes=4", "trainer.batch_size=8"], "16 rank(s) x 8"),
+    (["method=spnet_code", "method.teacher_precision=fp16"], "method.teacher_precision='fp16' is not valid"),
 ])
 def test_bad_input_is_one_clear_error(tiny_data, tmp_path, args, needle):
     base = [] if any(a.startswith("data.root=") for a in args) else [f"data.root={tiny_data}"]

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ConfigError, compose
+from ..config import ConfigError, check_config, check_data_fits, compose
 from . import jobs as J
 from .profile import executor_parameters, load_profile, sbatch_parameters, split_cluster_overrides
 from .task import SlurmTask
@@ -75,7 +75,8 @@ def plan(overrides: Sequence[str], cluster: str | None = None, folder: str | Pat
     uid = uuid.uuid4().hex[:6]
     sub_dir = folder / f"{stamp}-{uid}"
     job_list = []
-    checked: set[str] = set()
+    checked: set[tuple[str, int, int, int]] = set()
+    world = int(profile["nodes"]) * int(profile["tasks_per_node"])
     first_cfg = None
     for i, combo in enumerate(combos):
         job_dir = sub_dir / f"job{i}"
@@ -90,13 +91,13 @@ def plan(overrides: Sequence[str], cluster: str | None = None, folder: str | Pat
             extra.append(f"trainer.threads={profile['cpus_per_task']}")
         job_overrides = combo + extra
         cfg = compose(job_overrides)  # a bad key fails here, before anything is submitted
+        check_config(cfg)  # bad choices and ranges too
         first_cfg = first_cfg or cfg
-        root = str(cfg.data.root)
-        if root not in checked:
-            from ..data.loaders import check_layout
-
-            check_layout(root)
-            checked.add(root)
+        # the data must fit this job's world size (nodes x tasks per node), checked here rather than in the job
+        fit = (str(cfg.data.root), int(cfg.model.num_classes), int(cfg.trainer.batch_size), world)
+        if fit not in checked:
+            check_data_fits(cfg, world)
+            checked.add(fit)
         job_list.append({"index": i, "overrides": job_overrides, "job_dir": str(job_dir),
                          "checkpoint_dir": str(Path(str(cfg.checkpoint.dir)).absolute()),
                          "run_name": str(cfg.name) if cfg.name else None})
