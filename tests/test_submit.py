@@ -271,6 +271,10 @@ def test_two_tasks_on_one_node_train_into_one_run(slurm_cluster, tiny_data, tmp_
     status = last_json(run_spnet("jobs", "--folder", str(tmp_path / "slurm"), "status", out["job_id"],
                                  cwd=tmp_path, env=env).stdout)
     assert status["state"] == "COMPLETED" and status["mlflow_run_id"] == run.info.run_id
+    events = [json.loads(line) for line in (Path(job["checkpoint_dir"]).parent / "events.jsonl").read_text()
+              .splitlines()]  # the run id is recorded when training starts, not only when the job ends
+    assert [e["event"] for e in events] == ["started", "tracking", "completed"]
+    assert events[1]["mlflow_run_id"] == run.info.run_id and events[1]["step"] == 0
     assert status["latest_checkpoint"] == f"global_step{steps}" and status["interruptions"] == []
     tail = run_spnet("jobs", "--folder", str(tmp_path / "slurm"), "tail", "--task", "1", cwd=tmp_path,
                      env=env).stdout
@@ -322,7 +326,10 @@ def test_preempted_job_is_requeued_and_resumes_into_the_same_run(slurm_cluster, 
     events = job_events(entry)
     (stop,) = [e for e in events if e["event"] in ("preemption", "timeout")]
     assert stop["event"] == "preemption" and stop["requeued"] and stop["restart"] == 0
-    assert [e["event"] for e in events] == ["started", "preemption", "started", "completed"]
+    assert [e["event"] for e in events] == ["started", "tracking", "preemption", "started", "tracking", "completed"]
+    tracking = [e for e in events if e["event"] == "tracking"]
+    assert [e["step"] for e in tracking] == [0, stop["step"]]  # the requeued job names its run when it resumes
+    assert {e["mlflow_run_id"] for e in tracking} == {stop["mlflow_run_id"]}
 
     client, runs = mlflow_runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.run_id == out["mlflow_run_id"] == stop["mlflow_run_id"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from .rng import rng_state, seed_all, set_rng_state
 from .schedule import EpochClock, lr_factor
 
 log = logging.getLogger("spnet.train")
+RUN_EVENTS_ENV = "SPNET_RUN_EVENTS"  # set by `spnet submit`'s task: the job's events.jsonl
 FAILPOINT_ENV = "SPNET_FAILPOINT"  # test hooks: "kill_after_save:<step>" (SIGKILL every rank), "nan_loss:<step>",
 # "nan_weights:<step>" (a NaN weight after that step's update, as a NaN gradient with a finite loss would leave)
 
@@ -297,6 +299,20 @@ def build_loaders(cfg: Any, method: Any, dali_state: Any) -> tuple[Any, Any]:
     return train_loader, build_loader(cfg, train=False, shard_id=rank, num_shards=world)
 
 
+def announce_run(run_id: str | None, step: int) -> None:
+    """Append ``{"event": "tracking", "mlflow_run_id": ...}`` to ``$SPNET_RUN_EVENTS`` (a SLURM job's events file)
+    as soon as the run exists, so `spnet jobs status` names the run while the job is still training."""
+    path = os.environ.get(RUN_EVENTS_ENV)
+    if not path or not run_id:
+        return
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps({"event": "tracking", "time": time.time(), "mlflow_run_id": run_id,
+                                "step": step}) + "\n")
+    except OSError as err:
+        log.warning("could not record the MLflow run id in %s: %s", path, err)
+
+
 def train(cfg: Any) -> dict[str, Any]:
     """Run training on this rank; returns the summary (rank 0's is printed by the CLI)."""
     import deepspeed
@@ -347,6 +363,8 @@ def train(cfg: Any) -> dict[str, Any]:
     tags = {"method": str(cfg.method.name), "backbone": str(cfg.model.name),
             "target_rate": str(cfg.method.get("target_rate")), "world_size": str(world)}
     prog.run_id = tracker.start(prog.run_id, run_name(cfg), tags)
+    if rank == 0:
+        announce_run(prog.run_id, prog.step)
     tracker.log_params(flatten(to_container(cfg)))  # the tracker masks secrets
     run_eval = getattr(method, "evaluate", None) or evaluate
 

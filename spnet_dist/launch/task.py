@@ -169,11 +169,13 @@ class SlurmTask(submitit.helpers.Checkpointable):
         overrides = list(self.overrides)
         if restart > 0:  # a requeued job continues from its own checkpoints, whatever resume= said at first
             overrides.append("resume=auto")
-        if rank == 0:
-            self._event("started", job_id=job_id, restart=restart, node=node, world_size=world)
-
         from ..commands.train import train_from_overrides
         from ..engine import preempt
+        from ..engine.trainer import RUN_EVENTS_ENV
+
+        if rank == 0:
+            self._event("started", job_id=job_id, restart=restart, node=node, world_size=world)
+            os.environ[RUN_EVENTS_ENV] = str(Path(self.job_dir) / EVENTS)  # the trainer adds the MLflow run id
 
         summary = train_from_overrides(overrides) or {}
         ranks = gather({"node": node, "signal": preempt.requested_signal()})
