@@ -499,16 +499,21 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def check_required(cfg: DictConfig) -> None:
+    """One ConfigError naming the first required key (``???``) that has no value."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        hint = " (the path of the prepared ImageNet, see `spnet prepare-imagenet`)" if "data.root" in missing else ""
+        raise ConfigError(f"{missing[0]} is required and has no default: add {missing[0]}=<value>{hint}")
+
+
 def validate(cfg: DictConfig, data: bool = True) -> None:
     """Everything ``spnet train`` must know before any work starts: the static checks, required values, this
     machine (GPU for ``data.decode=mixed``, cores for ``trainer.nprocs``) and, with ``data``, the cheap data
     check (layout, train/val classes, ``model.num_classes``, batch size vs. dataset, undecodable files per
     ``data.scan``/``data.on_corrupt``; cached under the data root). Raises one ConfigError / ValueError."""
     check_config(cfg)
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        hint = " (the path of the prepared ImageNet, see `spnet prepare-imagenet`)" if "data.root" in missing else ""
-        raise ConfigError(f"{missing[0]} is required and has no default: add {missing[0]}=<value>{hint}")
+    check_required(cfg)
     launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if str(cfg.data.decode) == "mixed":
         import torch

@@ -222,13 +222,14 @@ def test_task_environment_and_checkpoint(monkeypatch):
     (["cluster.signal_delay_s=600"], "signal_delay_s=600 must be shorter"),
     (["trainer.batch_sise=4"], "batch_sise"),
     (["data.root=/nonexistent/imagenet"], "no class folders"),
+    (["data=imagenet"], "data.root is required and has no default"),
     (["model.num_classes=7"], "model.num_classes=7 but"),  # checked on the login node, not in the job
     (["model.num_classes=4", "trainer.batch_size=40"], "2 rank(s) x 40 = 80 images per step"),
     (["--cluster", "example_gpu", "model.num_classes=4", "trainer.batch_size=8"], "16 rank(s) x 8"),
     (["method=spnet_code", "method.teacher_precision=fp16"], "method.teacher_precision='fp16' is not valid"),
 ])
 def test_bad_input_is_one_clear_error(tiny_data, tmp_path, args, needle):
-    base = [] if any(a.startswith("data.root=") for a in args) else [f"data.root={tiny_data}"]
+    base = [] if any(a.startswith(("data.root=", "data=")) for a in args) else [f"data.root={tiny_data}"]
     r = run_spnet("submit", "--dry-run", "--folder", str(tmp_path / "slurm"), *base, *args, cwd=tmp_path,
                   check=False)
     assert r.returncode == 2, r.stdout + r.stderr

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ConfigError, check_config, check_data_fits, compose
+from ..config import ConfigError, check_config, check_data_fits, check_required, compose
 from . import jobs as J
 from .profile import executor_parameters, load_profile, sbatch_parameters, split_cluster_overrides
 from .task import SlurmTask
@@ -92,6 +92,7 @@ def plan(overrides: Sequence[str], cluster: str | None = None, folder: str | Pat
         job_overrides = combo + extra
         cfg = compose(job_overrides)  # a bad key fails here, before anything is submitted
         check_config(cfg)  # bad choices and ranges too
+        check_required(cfg)
         first_cfg = first_cfg or cfg
         # the data must fit this job's world size (nodes x tasks per node), checked here rather than in the job
         fit = (str(cfg.data.root), int(cfg.model.num_classes), int(cfg.trainer.batch_size), world)
