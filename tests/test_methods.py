@@ -311,7 +311,7 @@ def test_exec_rate_and_path_distill_over_gated_blocks_only():
     model, method, _ = make("aig")
     rates = torch.tensor([0.2, 0.4, 0.6, 0.8])
     method.gated_blocks = [True, False, True, False]
-    method._device_cache.clear()
+    method._gated_index.clear()
     assert method.exec_rate(rates).item() == pytest.approx(0.4)
     method.gated_blocks = [False] * 4
     assert method.exec_rate(rates).item() == 1.0

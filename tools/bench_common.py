@@ -154,7 +154,7 @@ def add_common_args(p: Any, name: str) -> None:
     p.add_argument("--quiet-load", type=float, default=1.5)
 
 
-def stamp(extra: Mapping[str, Any], load_start: list[float]) -> dict[str, Any]:
+def stamp(extra: Mapping[str, Any], load_start: list[float], load_end: list[float]) -> dict[str, Any]:
     """Fields every JSON row carries."""
     return {**extra, "machine": machine(), "date": now_utc(), "command": command_line(),
-            "load_avg_start": load_start, "load_avg_end": load_avg()}
+            "load_avg_start": load_start, "load_avg_end": load_end}

@@ -186,9 +186,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "ratio": round(bc.ratio_median(ld.rates, loaders[ref].rates), 4),
             "ratio_per_cpu_s": round(bc.ratio_median(ld.per_cpu, loaders[ref].per_cpu), 4),
             "img_per_s_all": [round(r, 1) for r in ld.rates], "img_per_cpu_s_all": [round(c, 1) for c in ld.per_cpu],
-        }, la_start))
-    for r in rows:
-        r["load_avg_end"] = la_end
+        }, la_start, la_end))
     return rows
 
 

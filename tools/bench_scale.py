@@ -208,9 +208,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "parts_ms": parts,
             "allreduce_grad_ms": round(bc.median([x["ranks"][0]["allreduce_ms"] for x in rs]), 3),
             "n_params": rs[0]["n_params"], "img_per_s_all": [round(x["img_per_s"], 2) for x in rs],
-        }, la_start))
-    for r in rows:
-        r["load_avg_end"] = la_end
+        }, la_start, la_end))
     return rows
 
 

@@ -241,10 +241,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                                for k in (2, 4, 8)}
         rows.append(row)
     la_end = bc.load_avg()
-    rows = [bc.stamp(r, la_start) for r in rows]
-    for r in rows:
-        r["load_avg_end"] = la_end
-    return rows
+    return [bc.stamp(r, la_start, la_end) for r in rows]
 
 
 def profile(variants: list[Variant]) -> None:

@@ -68,10 +68,10 @@ def train_from_overrides(overrides: Sequence[str]) -> dict[str, Any] | None:
 
 
 def _spawn_local(cfg_dict: dict, nprocs: int) -> dict[str, Any]:
-    from ..errors import SpnetError
-
     """Start ``nprocs`` ranks on this machine; SIGTERM/SIGUSR2 to this process are forwarded to every rank."""
     import signal
+
+    from ..errors import SpnetError
 
     import torch.multiprocessing as mp
 

@@ -183,7 +183,7 @@ def on_nonfinite(cfg: Any, step: int, loss: torch.Tensor, terms: dict[str, torch
                  last_ckpt: Path | None) -> None:
     """Stop (default) or skip the optimizer update for a non-finite loss; nothing is saved from a bad state."""
     shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if v.ndim == 0)
-    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    where = _last_good(last_ckpt)
     if cfg.trainer.on_nonfinite == "skip":
         log.warning("non-finite loss at step %d (%s; loss=%s): optimizer update skipped (trainer.on_nonfinite=skip)",
                     step, shown, float(loss))
@@ -198,6 +198,10 @@ class NonFiniteLossError(SpnetError):
     """The loss, or the weights about to be saved, became NaN or infinite."""
 
 
+def _last_good(last_ckpt: Path | None) -> str:
+    return f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+
+
 def check_finite_state(model: torch.nn.Module, method: Any, step: int, last_ckpt: Path | None) -> None:
     """Refuse to checkpoint NaN/inf weights (a NaN gradient with a finite loss gets past the loss check): the
     previous checkpoint and ``latest`` stay as they are. One fused norm per tensor list, once per save."""
@@ -205,32 +209,16 @@ def check_finite_state(model: torch.nn.Module, method: Any, step: int, last_ckpt
                           ("method state (e.g. the EMA teacher)", list(method.replicated_tensors()))):
         floating = [t for t in tensors if t.is_floating_point()]
         if floating and not bool(torch.isfinite(torch.stack(torch._foreach_norm(floating))).all()):
-            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"non-finite {what} at step {step} (a gradient was NaN or infinite although the loss was finite); "
-                f"checkpoint not written, {where} (not overwritten). Resume from it with resume=auto after lowering "
+                f"checkpoint not written, {_last_good(last_ckpt)} (not overwritten). Resume from it with resume=auto after lowering "
                 f"optim.lr or enabling deepspeed.gradient_clipping")
 
 
-def _failpoint_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
-    """Test hook: SPNET_FAILPOINT=nan_loss:<step> turns that step's loss into NaN."""
-    spec = os.environ.get(FAILPOINT_ENV, "")
-    if spec.startswith("nan_loss:") and int(spec.split(":", 1)[1]) == step:
-        return loss * float("nan")
-    return loss
-
-
-def _failpoint_weights(model: torch.nn.Module, step: int) -> None:
-    spec = os.environ.get(FAILPOINT_ENV, "")
-    if spec.startswith("nan_weights:") and int(spec.split(":", 1)[1]) == step:
-        with torch.no_grad():
-            next(model.parameters()).view(-1)[0] = float("nan")
-
-
-def _failpoint(step: int) -> None:
-    spec = os.environ.get(FAILPOINT_ENV, "")
-    if spec.startswith("kill_after_save:") and int(spec.split(":", 1)[1]) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+def failpoint() -> tuple[str, int]:
+    """The test hook ``SPNET_FAILPOINT=<kind>:<step>`` as (kind, step); ("", -1) when unset. Read once per run."""
+    kind, _, step = os.environ.get(FAILPOINT_ENV, "").partition(":")
+    return (kind, int(step)) if step else ("", -1)
 
 
 def setup_process(cfg: Any) -> tuple[int, int]:
@@ -373,6 +361,7 @@ def train(cfg: Any) -> dict[str, Any]:
     last_ckpt: Path | None = found[0] / found[1] if found else None
     metrics: dict[str, Any] = {}
     images_seen, t_start, preempted = 0, time.perf_counter(), False
+    fail_kind, fail_step = failpoint()
 
     def save() -> Path:
         check_finite_state(engine.module, method, prog.step, last_ckpt)
@@ -381,7 +370,8 @@ def train(cfg: Any) -> dict[str, Any]:
                  "data": gather_objects(train_loader.state_dict()["dali"]), "config": to_container(cfg)}
         path = ckpt.save(engine, prog.step, state)
         tracker.log_checkpoint(path, step=prog.step, epoch=prog.epoch)
-        _failpoint(prog.step)
+        if (fail_kind, fail_step) == ("kill_after_save", prog.step):
+            os.kill(os.getpid(), signal.SIGKILL)
         return path
 
     def validate() -> dict[str, Any]:
@@ -418,7 +408,8 @@ def train(cfg: Any) -> dict[str, Any]:
             out = engine(images)
             with amp():
                 loss, terms = method.loss(engine.module, images, labels, out)
-            loss = _failpoint_loss(loss, prog.step + 1)
+            if (fail_kind, fail_step) == ("nan_loss", prog.step + 1):
+                loss = loss * float("nan")
             finite, stop = step_flags(loss)  # a signal arriving after this is seen at the next step
             if finite:
                 engine.backward(loss)
@@ -429,7 +420,9 @@ def train(cfg: Any) -> dict[str, Any]:
             clock.epochs = prog.epoch + prog.batch_in_epoch / steps_per_epoch
             if finite:
                 engine.step()
-                _failpoint_weights(engine.module, prog.step)
+                if (fail_kind, fail_step) == ("nan_weights", prog.step):  # as a NaN gradient would leave them
+                    with torch.no_grad():
+                        next(engine.module.parameters()).view(-1)[0] = float("nan")
             images_seen += images.shape[0] * world
             if prog.step % cfg.trainer.log_every == 0:
                 logged = global_scalars({"loss": loss.detach(), **terms})

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from spnet_dist.engine.distributed import global_mean
 
-from .losses import as_bool_mask, rate_loss
+from .losses import rate_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from spnet_dist.models.output import ModelOutput
@@ -105,7 +105,7 @@ class Method:
         self.gated_blocks: list[bool] = [bool(g) for g in gated]
         self.num_blocks = len(self.gated_blocks)
         self.step = 0  # number of loss() calls (micro-batches) so far
-        self._device_cache: dict[tuple[str, torch.device], Tensor] = {}
+        self._gated_index: dict[torch.device, Tensor] = {}
 
     # ------------------------------------------------------------------ config-time hook
     @classmethod
@@ -114,21 +114,14 @@ class Method:
         return cfg
 
     # ------------------------------------------------------------------ per-iteration objective
-    def gated_mask(self, device: torch.device) -> Tensor:
-        """``(L,)`` bool mask of gated blocks on ``device`` (cached: no host-to-device copy per step)."""
-        key = ("mask", torch.device(device))
-        if key not in self._device_cache:
-            self._device_cache[key] = as_bool_mask(self.gated_blocks, self.num_blocks, device)
-        return self._device_cache[key]
-
     def gated_index(self, device: torch.device) -> Tensor:
-        """Indices of the gated blocks on ``device`` (cached). ``index_select`` with it needs no host sync, unlike
-        boolean-mask indexing."""
-        key = ("index", torch.device(device))
-        if key not in self._device_cache:
+        """Indices of the gated blocks on ``device`` (cached: no host-to-device copy per step). ``index_select``
+        with it needs no host sync, unlike boolean-mask indexing."""
+        device = torch.device(device)
+        if device not in self._gated_index:
             idx = [i for i, g in enumerate(self.gated_blocks) if g]
-            self._device_cache[key] = torch.tensor(idx, dtype=torch.long, device=device)
-        return self._device_cache[key]
+            self._gated_index[device] = torch.tensor(idx, dtype=torch.long, device=device)
+        return self._gated_index[device]
 
     def block_rates(self, out: "ModelOutput") -> Tensor:
         """Per-block execution rates over the *global* batch (differentiable; straight-through through the gates)."""
