@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    import spnet_dist.engine.distributed as D
+    import spnet_dist.distributed as D
     from spnet_dist.config import compose
     from spnet_dist.data.loaders import build_loader
     from spnet_dist.engine.malloc import keep_freed_memory

@@ -186,7 +186,7 @@ class Variant:
 
 
 def bc_world() -> int:
-    import spnet_dist.engine.distributed as D
+    import spnet_dist.distributed as D
 
     return D.world_size()
 

@@ -15,10 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 
 from ..errors import SpnetError
-from . import distributed as D
+from .. import distributed as D
 
 log = logging.getLogger("spnet.checkpoint")
 COMPLETE = "spnet_complete.json"
@@ -116,29 +115,29 @@ class Checkpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
             if tag_dir.exists():  # an earlier, interrupted save of the same step
                 shutil.rmtree(tag_dir)
-        _barrier()
+        D.barrier()
         # Refuse before writing when the disk cannot hold another checkpoint: an exception inside DeepSpeed's
         # collective save would leave the other ranks waiting at its internal barrier.
-        error = _agree(self._space_problem(engine))
+        error = D.first_error(self._space_problem(engine))
         if error is not None:
             raise CheckpointWriteError(self._failure_message(tag_dir, error))
         error = _attempt(lambda: engine.save_checkpoint(str(self.directory), tag=tag,
                                                         client_state={CLIENT_KEY: client_state}, save_latest=False))
-        error = _agree(error)
+        error = D.first_error(error)
         if error is None and D.rank() == 0:
             def finish() -> None:
                 marker = {"step": step, "world_size": D.world_size(), "files": _file_sizes(tag_dir)}
                 _write_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=1))
                 _write_atomic(self.directory / LATEST, tag)
             error = _attempt(finish)
-        error = _agree(error)
+        error = D.first_error(error)
         if error is not None:
             if D.rank() == 0:
                 shutil.rmtree(tag_dir, ignore_errors=True)
             raise CheckpointWriteError(self._failure_message(tag_dir, error))
         if D.rank() == 0:
             self._prune()
-        _barrier()
+        D.barrier()
         return tag_dir
 
     def _space_problem(self, engine: Any) -> str | None:
@@ -190,15 +189,3 @@ def _attempt(fn: Any) -> str | None:
     return None
 
 
-def _agree(error: str | None) -> str | None:
-    """Every rank learns whether any rank failed (so none waits at a barrier that another never reaches)."""
-    if not D.is_dist() or D.world_size() == 1:
-        return error
-    errors: list[str | None] = [None] * D.world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
-
-
-def _barrier() -> None:
-    if D.is_dist():
-        dist.barrier()

@@ -39,7 +39,7 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     from ..data.loaders import build_loader
     from ..methods import build_method, prepare_method_cfg
     from ..models import build_model, cost_table
-    from .evaluate import evaluate
+    from ..evaluation.metrics import evaluate
 
     rest = [o for o in overrides if not o.startswith("checkpoint=")]
     paths = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import distributed as D
+from .. import distributed as D
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; resume=auto continues
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)

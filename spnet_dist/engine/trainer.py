@@ -24,10 +24,10 @@ import torch.distributed as dist
 
 from ..config import flatten, to_container
 from ..errors import SpnetError
-from . import distributed as D
+from .. import distributed as D
 from . import preempt
 from .checkpoint import Checkpointer, resolve_resume, saved_world_size
-from .evaluate import evaluate
+from ..evaluation.metrics import evaluate
 from .malloc import keep_freed_memory
 from .rng import rng_state, seed_all, set_rng_state
 from .schedule import EpochClock, lr_factor

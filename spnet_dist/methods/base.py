@@ -7,9 +7,10 @@ teacher). The trainer owns the model, optimizer and data; per iteration it does:
     loss, logs = method.loss(model, images, labels, out)  # method-specific objective (may run a teacher forward)
     loss.backward(); optimizer.step()
 
-Optional hooks the trainer calls when a method defines them: ``on_epoch_start(epoch)`` before every (possibly
-resumed) epoch (RDI-Net: uniform-sampling warm-up phase), and ``evaluate(model, loader, table, execution) -> dict``
-instead of ``engine.evaluate.evaluate`` (RDI-Net: + skip/light/full rates; BoostNet: anytime and budgeted batch).
+Hooks the trainer calls on every method (the base class's are no-ops or the default): ``on_epoch_start(epoch)``
+before every (possibly resumed) epoch (RDI-Net: uniform-sampling warm-up phase), ``evaluate(model, loader, table,
+execution) -> dict`` (default ``evaluation.metrics.evaluate``; RDI-Net: + skip/light/full rates; BoostNet: anytime and
+budgeted batch) and ``train_exclusions(train_root)`` (training files to leave out; BoostNet: its held-out split).
 
 Construction order expected from the trainer (see ``prepare_method_cfg``)::
 
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from spnet_dist.engine.distributed import global_mean
+from spnet_dist.distributed import global_mean
 
 from .losses import rate_loss
 
@@ -166,6 +167,19 @@ class Method:
         if name != self.name:
             raise ValueError(f"checkpoint holds method state for {name!r}, this method is {self.name!r}")
         self.step = int(state.get("step", 0))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before every (possibly resumed) epoch with the number of completed epochs."""
+
+    def evaluate(self, model: torch.nn.Module, loader: Any, table: Any, execution: str = "dense") -> dict[str, Any]:
+        """Validation metrics of ``model`` (top-1/5, MACs from hard decisions, per-block rates)."""
+        from spnet_dist.evaluation.metrics import evaluate
+
+        return evaluate(model, loader, table, execution)
+
+    def train_exclusions(self, train_root: Any) -> list[str]:
+        """``<class>/<file>`` paths of the training split this method keeps out of training (none by default)."""
+        return []
 
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The network evaluated on the validation set: the student for all current methods."""

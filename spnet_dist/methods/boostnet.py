@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spnet_dist import distributed as D
+
 from .base import Method, cfg_get, register_method, unwrap_model
 from .losses import boosted_ce
 
@@ -96,23 +98,13 @@ def _symlink_tree(train_root: Path, files: list[str]) -> Path:
 
 def _gather_cat(t: Tensor, dim: int) -> Tensor:
     """Concatenate a CPU tensor of every rank along ``dim`` (rank order; sizes may differ)."""
-    import torch.distributed as dist
-
-    from spnet_dist.engine import distributed as D
-
-    if not D.is_dist() or D.world_size() == 1:
-        return t
-    parts: list[Any] = [None] * D.world_size()
-    dist.all_gather_object(parts, t.cpu())
-    return torch.cat(parts, dim)
+    return torch.cat(D.gather_objects(t.cpu()), dim)
 
 
 def _all_reduce(t: Tensor) -> Tensor:
     import torch.distributed as dist
 
-    from spnet_dist.engine import distributed as D
-
-    if D.is_dist() and D.world_size() > 1:
+    if D.multi_rank():
         dist.all_reduce(t)
     return t
 
@@ -289,7 +281,7 @@ class BoostNet(Method):
                 c[ex].sum().view(1), torch.tensor([float(labels.numel())], dtype=torch.float64),
                 torch.bincount(ex, minlength=n_exits).double(), res.reached.double().sum(0).cpu()])
             sums += row
-        sums = _all_reduce(sums.to(_reduce_device())).cpu()
+        sums = _all_reduce(sums.to(D.comm_device())).cpu()
         n = max(1.0, float(sums[3]))
         rates = (sums[4 + n_exits:] / n).tolist()
         return {"top1": float(sums[0]) / n, "top5": float(sums[1]) / n, "macs_per_image": float(sums[2]) / n,
@@ -311,14 +303,3 @@ class BoostNet(Method):
             self.heldout = {"indices": torch.as_tensor(held["indices"], dtype=torch.long),
                             "n_train": int(held["n_train"]), "seed": int(held["seed"])}
         self.heldout_trained_on = bool(state.get("heldout_trained_on", self.heldout_trained_on))
-
-
-def _reduce_device() -> torch.device:
-    """nccl reduces CUDA tensors only; gloo CPU ones."""
-    import torch.distributed as dist
-
-    from spnet_dist.engine import distributed as D
-
-    if D.is_dist() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

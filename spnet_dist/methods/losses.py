@@ -5,7 +5,7 @@ This module is the single home of these losses; methods import from here and nev
 Conventions (spec ``methods.md`` §2.c, §5.c):
 
 * ``rates`` are per-block *global-batch* execution rates, shape ``(L,)``, obtained by the caller as
-  ``spnet_dist.engine.distributed.global_mean(out.gates)`` so that they carry straight-through gradients and
+  ``spnet_dist.distributed.global_mean(out.gates)`` so that they carry straight-through gradients and
   match the official DataParallel (global-batch) statistic under DDP.
 * All MSEs are means over elements on raw logits (no softmax, no temperature), as in the official SP-Net code.
 """

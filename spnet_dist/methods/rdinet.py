@@ -154,8 +154,8 @@ class RDINet(GatedMethod):
         ``full_rate`` over gated blocks."""
         import torch.distributed as dist
 
-        from spnet_dist.engine import distributed as D
-        from spnet_dist.engine.evaluate import evaluate
+        from spnet_dist import distributed as D
+        from spnet_dist.evaluation.metrics import evaluate
         from spnet_dist.models.rdinet import route_of
 
         net = unwrap_model(model)

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from . import distributed as D
+from .. import distributed as D
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
-"""Process-group helpers: rank/world discovery and differentiable global reductions."""
+"""Process-group helpers, the one home of them: rank/world discovery, gathers, barriers and differentiable global
+reductions. The lowest layer: models, data, methods, engine and launch all import it, it imports none of them."""
 from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,15 +22,35 @@ def world_size() -> int:
     return dist.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", 1))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
 def comm_device() -> torch.device:
     """Where collective tensors must live: the current GPU for nccl, the CPU for gloo."""
     if is_dist() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def multi_rank() -> bool:
+    """A process group with more than one rank (collectives are needed)."""
+    return is_dist() and dist.get_world_size() > 1
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    if not multi_rank():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def first_error(error: str | None) -> str | None:
+    """Every rank learns whether any rank failed (so none waits at a barrier that another never reaches)."""
+    return next((e for e in gather_objects(error) if e is not None), None)
+
+
+def barrier() -> None:
+    if multi_rank():
+        dist.barrier()
 
 
 def global_mean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
