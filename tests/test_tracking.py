@@ -17,8 +17,10 @@ import torch
 import yaml
 from conftest import TINY_CLASSES, last_json, run_spnet, tiny_train_args
 
-from spnet_dist.tracking.mlflow_tracker import LOCAL_TAG, Tracker, environment_tags, git_tags, replay_spool
-from spnet_dist.tracking.spool import Spool
+from spnet_dist.tracking.env import environment_tags, git_tags
+from spnet_dist.tracking.spool import Spool, replay_spool
+from spnet_dist.tracking.store import LOCAL_TAG
+from spnet_dist.tracking.tracker import Tracker
 from spnet_dist.tracking.ui import free_port, start_server, stop_server, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,12 +70,14 @@ def test_two_ranks_log_one_run_with_params_metrics_and_tags(two_rank_run):
     assert m["train/images_per_sec"] > 0 and m["train/images_per_sec_overall"] > 0
     assert _steps(client, rid, "val/top1") == [steps // 2, steps]
     assert m["val/top1"] == pytest.approx(summary["top1"]) and m["val/top5"] == pytest.approx(summary["top5"])
-    assert m["val/macs_per_image"] == pytest.approx(summary["macs_per_image"])
-    assert m["val/gflops_paper"] == pytest.approx(2 * summary["macs_per_image"] / 1e9)
     rates = {k: v for k, v in m.items() if k.startswith("val/rate/")}
     assert sorted(rates) == [f"val/rate/layer{i}.0" for i in range(1, 5)]
     assert [rates[f"val/rate/layer{i}.0"] for i in range(1, 5)] == pytest.approx(summary["block_rates"], abs=1e-4)
-    assert m["system/cpu_utilization_percentage"] >= 0  # system metrics (sampled every second here)
+    fixed, blocks = _tiny_aig_macs()  # expected cost at the logged execution rates, counted by hand
+    macs = fixed + sum(r * b for r, b in zip(summary["block_rates"], blocks))
+    assert m["val/macs_per_image"] == pytest.approx(summary["macs_per_image"]) == pytest.approx(macs, rel=1e-4)
+    assert m["val/gflops_paper"] == pytest.approx(2 * macs / 1e9, rel=1e-4)  # the papers' 2 x MACs, in 1e9
+    _check_system_metrics(client, rid, m, steps)
 
     t = run.data.tags
     assert (t["method"], t["backbone"], t["target_rate"], t["world_size"]) == ("aig", "resnet_tiny", "0.7", "2")
@@ -82,6 +86,42 @@ def test_two_ranks_log_one_run_with_params_metrics_and_tags(two_rank_run):
     if head.returncode == 0:
         assert t["git_commit"] == head.stdout.strip() == t["mlflow.source.git.commit"]
     assert t["checkpoint"] == str(Path(summary["checkpoint"]).resolve())
+
+
+def _tiny_aig_macs() -> tuple[int, list[int]]:
+    """resnet_tiny (bottleneck, layers 1-1-1-1, widths 8-16-32-64, stem 16, v1.5) at 32 px with TINY_CLASSES
+    classes and AIG gates (hidden 16), counted by hand: conv k*k*C_in*C_out*H_out*W_out, fc C_in*C_out.
+    Returns (always-executed MACs: stem, projections, gates, classifier; residual-branch MACs per block)."""
+    fixed = 7 * 7 * 3 * 16 * 16 * 16  # stem 7x7/2 at 16x16, then a 3x3/2 max-pool to 8x8
+    blocks, c_in, hw = [], 16, 8
+    for i, w in enumerate((8, 16, 32, 64)):
+        out = hw if i == 0 else hw // 2  # v1.5: the stride sits in the 3x3
+        blocks.append(c_in * w * hw * hw + 9 * w * w * out * out + w * 4 * w * out * out)  # 1x1, 3x3, 1x1
+        fixed += c_in * 4 * w * out * out + c_in * 16 + 16 * 2  # projection 1x1; gate 1x1 C->16, 16->2 after GAP
+        c_in, hw = 4 * w, out
+    return fixed + c_in * TINY_CLASSES, blocks
+
+
+def _check_system_metrics(client, rid: str, m: dict[str, float], steps: int) -> None:
+    """System samples (every second here): MLflow's monitor names under system/, sensible units, and the
+    training step the tracker saw last as their step."""
+    import shutil
+
+    import psutil
+
+    keys = {k for k in m if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+            "system/system_memory_usage_percentage", "system/disk_usage_megabytes",
+            "system/disk_available_megabytes", "system/network_receive_megabytes"} <= keys, keys
+    assert 0 <= m["system/cpu_utilization_percentage"] <= 100 * (os.cpu_count() or 1)
+    assert 0 < m["system/system_memory_usage_megabytes"] <= psutil.virtual_memory().total / 1e6
+    disk = shutil.disk_usage(os.sep)
+    assert m["system/disk_usage_megabytes"] + m["system/disk_available_megabytes"] == pytest.approx(
+        (disk.used + disk.free) / 1e6, rel=0.05)
+    history = sorted(client.get_metric_history(rid, "system/cpu_utilization_percentage"), key=lambda x: x.timestamp)
+    sample_steps = [x.step for x in history]
+    assert len(history) >= 2 and sample_steps == sorted(sample_steps), sample_steps
+    assert 0 < sample_steps[-1] <= steps, sample_steps
 
 
 def test_run_artifacts_checkpoints_and_model(two_rank_run, tmp_path):
@@ -142,7 +182,7 @@ def test_unreachable_store_spools_then_replays_without_duplicates(tmp_path, capl
     t = Tracker(dead, "exp", spool_dir=spool, http_timeout=2, http_retries=0, retry_every_s=0.2, final_replay_s=0.5,
                 log_model=True, register_model="offline-model", config={"x": {"y": 1}})
     net = torch.nn.Linear(3, 2)
-    with caplog.at_level(logging.INFO, logger="spnet_dist.tracking.mlflow_tracker"):
+    with caplog.at_level(logging.INFO, logger="spnet_dist.tracking"):
         t0 = time.monotonic()
         key = t.start(None, "offline-run", {"method": "aig"})
         t.log_params({"x.y": 1})

@@ -132,11 +132,9 @@ def tracking_uri_for_display(uri: str) -> str:
 def ensure_experiment(uri: str, experiment: str) -> str | None:
     """Create the experiment (and a fresh SQLite schema) once here, not concurrently in every job."""
     try:
-        import mlflow
+        from ..tracking.runs import ensure_experiment as get_or_create
 
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment)
-        return exp.experiment_id if exp else client.create_experiment(experiment)
+        return get_or_create(uri, experiment)
     except Exception as err:  # noqa: BLE001 - e.g. a tracking server reachable from compute nodes only
         print(f"spnet submit: warning: could not open MLflow experiment {experiment!r} at {uri}: {err}",
               file=sys.stderr)

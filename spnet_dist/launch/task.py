@@ -255,17 +255,12 @@ class SlurmTask(submitit.helpers.Checkpointable):
         if not run_id or not uri:
             return
         try:
-            import mlflow
+            from ..tracking.runs import tag_run
 
-            client = mlflow.MlflowClient(tracking_uri=uri)
             tags = {"slurm.job_id": info["job_id"], "slurm.cluster": info["cluster"],
                     "slurm.restarts": str(info["restart"]), "spnet.submission": info["submission"],
                     "slurm.rank_nodes": ",".join(info["rank_nodes"]),
                     "slurm.nodes": ",".join(sorted(set(info["rank_nodes"])))}
-            if interruption:
-                before = client.get_run(run_id).data.tags.get("slurm.interruptions", "")
-                tags["slurm.interruptions"] = ",".join(x for x in (before, interruption) if x)
-            for k, v in tags.items():
-                client.set_tag(run_id, k, v)
+            tag_run(uri, run_id, tags, append={"slurm.interruptions": interruption} if interruption else None)
         except Exception as err:  # noqa: BLE001 - tags are a convenience; the job's outcome must not depend on them
             log(f"could not tag MLflow run {run_id}: {err}")

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
 
 
 def rate_rows(rates: Sequence[float], table: Any = None) -> list[dict[str, Any]]:
@@ -59,6 +62,20 @@ def rate_heatmap(rows: list[dict[str, Any]], title: str):
     fig.colorbar(im, ax=ax, label="execution rate")
     fig.tight_layout()
     return fig
+
+
+def stage_rate_artifacts(rows: list[dict[str, Any]], folder: Path, step: int, epoch: int | None) -> None:
+    """Write one evaluation's rate table (CSV + JSON) and heat map into ``folder``; a figure that cannot be
+    drawn is a warning, never an error (it must not stop training)."""
+    label = (f"epoch_{epoch:03d}_" if epoch is not None else "") + f"step_{step:07d}"
+    try:
+        write_rate_table(rows, folder / f"{label}.csv", folder / f"{label}.json", {"step": step, "epoch": epoch})
+        title = f"per-block execution rate, epoch {epoch}" if epoch is not None else "per-block execution rate"
+        rate_heatmap(rows, f"{title} (step {step})").savefig(folder / f"heatmap_{label}.png")
+    except Exception as err:  # noqa: BLE001 - a figure must never stop training
+        from .store import short
+
+        log.warning("could not draw the block-rate artifacts: %s", short(err))
 
 
 def finite(x: Any) -> bool:

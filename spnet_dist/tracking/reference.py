@@ -8,9 +8,6 @@ The table's early-prediction rows on other backbones (MSDN, RA-Net, IamNN, ACT, 
 """
 from __future__ import annotations
 
-SOURCE = ("SP-Net, ECCV 2022: Comparison with state-of-the-arts on ImageNet "
-          "(shared/papers/spnet-eccv2022-overview.txt); GFLOPs = 2 x MACs (papers' GMACCs)")
-
 # (method, backbone, GFLOPs in the papers' 2 x MAC convention, top-1 %, kind)
 IMAGENET: list[tuple[str, str, float, float, str]] = [
     ("ResNet-50", "ResNet-50", 7.72, 75.36, "static"),

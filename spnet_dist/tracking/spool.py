@@ -2,8 +2,9 @@
 
 Every record is one JSON object per line, ``{"op": ..., "run": <run key>, ...}``, appended in the order the
 trainer produced it; files an operation needs (figures, tables, a saved model) are copied under ``staging/``
-first, so a record never points at something that may change. :class:`~.mlflow_tracker.Tracker` replays the
-journal in order when the store answers again and drops each record once it was applied.
+first, so a record never points at something that may change. :func:`replay` applies the journal in order when
+the store answers again and drops each record once it was applied; what applies a record is passed in (this
+module imports neither the tracker nor the store at import time).
 
 Replay by hand (e.g. the server was down until after training ended and the job will not resume)::
 
@@ -12,17 +13,20 @@ Replay by hand (e.g. the server was down until after training ended and the job 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 SPOOL_FILE = "spool.jsonl"
 
 
 class Spool:
+    """The journal ``<dir>/spool.jsonl`` and the staged files of its records (``<dir>/staging/<hex>/``)."""
+
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         self.file = self.dir / SPOOL_FILE
@@ -98,6 +102,52 @@ class Spool:
                 return
 
 
+def replay(spool: Spool, apply: Callable[[dict[str, Any]], Any],
+           skip: Callable[[dict[str, Any], BaseException], bool] = lambda rec, err: False,
+           lock: ContextManager[Any] | None = None,
+           on_empty: Callable[[], None] | None = None) -> tuple[int, BaseException | None]:
+    """Apply the spooled records oldest first with ``apply``, dropping each applied one, until the spool is empty.
+
+    A record whose ``apply`` fails is dropped too when ``skip(record, error)`` says so (the store refused it);
+    any other failure stops the replay. ``lock`` is held while the spool is read or shortened (records may be
+    appended meanwhile); ``on_empty`` runs under it once the spool is empty. Returns (records applied or
+    skipped, the error that stopped the replay or None).
+    """
+    lock = lock if lock is not None else contextlib.nullcontext()
+    total = 0
+    while True:
+        with lock:
+            records = spool.read()
+            if not records:
+                if on_empty is not None:
+                    on_empty()
+                return total, None
+        done, error = 0, None
+        for rec in records:
+            try:
+                apply(rec)
+            except Exception as err:  # noqa: BLE001 - tracking must never stop training
+                if not skip(rec, err):
+                    error = err
+                    break
+            done += 1
+        with lock:
+            spool.drop_first(done)
+        total += done
+        if error is not None:
+            return total, error
+
+
+def replay_spool(spool_dir: str | Path, uri: str, experiment: str = "spnet") -> int:
+    """Replay a spool into ``uri`` (outside training); returns the number of records left."""
+    from .store import Store  # the store does not import this module: no cycle
+
+    spool = Spool(spool_dir)
+    store = Store(uri, experiment, spool)
+    replay(spool, lambda rec: store.apply(rec, replaying=True), store.skip_rejected)
+    return len(spool)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m spnet_dist.tracking.spool",
                                 description="replay a tracking spool into an MLflow store")
@@ -105,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uri", required=True)
     p.add_argument("--experiment", default="spnet")
     args = p.parse_args(argv)
-    from .mlflow_tracker import replay_spool
-
     left = replay_spool(args.spool_dir, args.uri, args.experiment)
     print(json.dumps({"spool": args.spool_dir, "uri": args.uri, "records_left": left}))
     return 0 if left == 0 else 1
