@@ -1,45 +1,41 @@
-"""`spnet` — one entry point; each verb (spnet_dist/commands/) parses, composes the config, calls one function."""
+"""`spnet` — one entry point; each verb (spnet_dist/commands/) parses, composes the config, calls one function.
+Only the verb that runs is imported."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
-import logging
 import os
 import sys
+from types import ModuleType
 from typing import Sequence
 
-from .commands import COMMANDS
-from .errors import SpnetError
-
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, SpnetError)
+from .commands import VERBS
+from .errors import USER_ERRORS
 
 
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "mlflow", "alembic", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(verb: str | None) -> tuple[argparse.ArgumentParser, ModuleType | None]:
+    """All verbs with their help; the arguments (and the module) of ``verb`` only."""
     p = argparse.ArgumentParser(prog="spnet", description="Train and evaluate dynamic-inference ResNets.")
     sub = p.add_subparsers(dest="verb", required=True)
-    modules = {}
-    for name in COMMANDS:
-        mod = importlib.import_module(f".commands.{name}", __package__)
-        mod.add_arguments(sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP))
-        modules[mod.NAME] = mod
-    return p, modules
+    module = None
+    for name, (module_name, help_text) in VERBS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            module = importlib.import_module(f".commands.{module_name}", __package__)
+            module.add_arguments(sp)
+    return p, module
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, modules = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser, module = build_parser(verb if verb in VERBS else None)
     args = parser.parse_args(argv)
     from .config import ConfigError
 
     try:
-        result = modules[args.verb].run(args)
+        result = module.run(args)
     except ConfigError as err:
         print(f"spnet {args.verb}: config error: {err}", file=sys.stderr)
         return 2

@@ -3,3 +3,18 @@
 
 class SpnetError(RuntimeError):
     """A stop the user can act on: the message names what is wrong and what to do."""
+
+
+# What the CLI reports as one line (exit code 2) instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, SpnetError)
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, WARNING elsewhere; the libraries' chatter at WARNING."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "mlflow", "alembic", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)

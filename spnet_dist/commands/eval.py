@@ -4,16 +4,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-NAME = "eval"
-HELP = "evaluate a checkpoint: spnet eval checkpoint=<path> data.root=<path> [eval.execution=skip]"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..cli import setup_logging
+    from ..errors import setup_logging
     from ..engine.eval_checkpoint import eval_checkpoint
 
     setup_logging(0)

@@ -6,9 +6,6 @@ import os
 import sys
 from typing import Any
 
-NAME = "jobs"
-HELP = "list, inspect, cancel and tail the SLURM jobs submitted with `spnet submit` (ID default: the newest)"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folder", help="the folder given to spnet submit (default: $SPNET_SUBMIT_DIR, else "

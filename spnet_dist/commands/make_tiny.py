@@ -4,9 +4,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-NAME = "make-tiny-imagenet"
-HELP = "write a tiny learnable ImageNet-format dataset"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out")

@@ -4,10 +4,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-NAME = "prepare-imagenet"
-HELP = ("write ImageNet as OUT/{train,val}/<wnid>/*.JPEG from the official ILSVRC2012 archives or the Kaggle "
-        "layout (resumable; the source is only read)")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--src", required=True, help="folder with ILSVRC2012_img_{train,val}.tar + "
@@ -19,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..cli import setup_logging
+    from ..errors import setup_logging
     from ..data.prepare import prepare_imagenet
 
     setup_logging(0)

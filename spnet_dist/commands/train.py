@@ -4,102 +4,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import sys
-import tempfile
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-NAME = "train"
-HELP = "train with Hydra overrides key=value ..."
+MAIN_KEYS = ("data.root", "trainer.epochs", "trainer.max_steps", "trainer.batch_size (per rank)", "trainer.nprocs",
+             "optim.lr", "checkpoint.dir", "checkpoint.every_steps", "resume=auto|none|<tag>|<path>",
+             "tracking.uri", "tracking.experiment", "eval.execution", "eval.precise_bn_batches", "seed", "name")
+
+
+def config_help() -> str:
+    """The config groups with their options and the main keys, read from the configs/ tree."""
+    from ..config import config_dir
+
+    from omegaconf import OmegaConf
+
+    cdir = config_dir()
+    defaults = {k: v for d in OmegaConf.load(cdir / "config.yaml").get("defaults", [])
+                if not isinstance(d, str) for k, v in d.items()}
+    lines = ["config groups (group=option; * = default):"]
+    for group in sorted(p for p in cdir.iterdir() if p.is_dir()):
+        options = sorted(o.stem for o in group.glob("*.yaml"))
+        if options:
+            shown = [f"{o}*" if defaults.get(group.name) == o else o for o in options]
+            lines.append(f"  {group.name:<10} {' | '.join(shown)}")
+    lines += ["main keys (key=value):", *(f"  {k}" for k in MAIN_KEYS),
+              "`spnet train --cfg job <overrides>` prints the whole composed config."]
+    return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = config_help()
+    p.add_argument("overrides", nargs="*", help="Hydra overrides: group=option, key=value, +key=value")
     p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(local_rank: int, cfg_dict: dict, world: int, port: int, result_path: str) -> None:
-    """Entry of one locally spawned rank."""
-    from ..cli import USER_ERRORS, setup_logging
-
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    setup_logging(local_rank)
-    from omegaconf import OmegaConf
-
-    from ..engine.trainer import train
-
-    try:
-        summary = train(OmegaConf.create(cfg_dict))
-    except USER_ERRORS as err:  # handed to the parent, which prints it as one line
-        (Path(result_path).parent / f"error.rank{local_rank}").write_text(str(err))
-        sys.exit(2)
-    if local_rank == 0:
-        Path(result_path).write_text(json.dumps(summary))
-
-
-def train_from_overrides(overrides: Sequence[str]) -> dict[str, Any] | None:
-    """Compose the config and train; returns this process's summary (rank 0's holds the run's results)."""
-    from ..cli import setup_logging
-    from ..config import compose, to_container, validate
-    from ..data.loaders import check_layout
-    from ..engine.trainer import train
-
-    cfg = compose(overrides)
-    validate(cfg)  # keys, values, this machine, the data (cheap, cached): one clear error before any work
-    check_layout(cfg.data.root)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, a SLURM task, or env vars set by hand
-        setup_logging(int(os.environ["RANK"]))
-        return train(cfg)
-    nprocs = int(cfg.trainer.nprocs)
-    if nprocs <= 1:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        setup_logging(0)
-        return train(cfg)
-    return _spawn_local(to_container(cfg), nprocs)
-
-
-def _spawn_local(cfg_dict: dict, nprocs: int) -> dict[str, Any]:
-    """Start ``nprocs`` ranks on this machine; SIGTERM/SIGUSR2 to this process are forwarded to every rank."""
-    import signal
-
-    from ..errors import SpnetError
-
-    import torch.multiprocessing as mp
-
-    from ..engine.preempt import STOP_SIGNALS
-
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "summary.json"
-        ctx = mp.start_processes(_rank_main, args=(cfg_dict, nprocs, free_port(), str(result)), nprocs=nprocs,
-                                 join=False, start_method="spawn")
-
-        def forward(signum: int, _frame: Any) -> None:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    os.kill(proc.pid, signum)
-
-        previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
-        try:
-            while not ctx.join():
-                pass
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):  # a rank's one-line error stays one line
-            messages = sorted(Path(tmp).glob("error.rank*"))
-            if messages:
-                raise SpnetError(messages[0].read_text()) from None
-            raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return json.loads(result.read_text())
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | int | None:
@@ -109,6 +45,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | int | None:
         print(job_yaml(args.overrides))
         return None
     from ..engine.preempt import EXIT_PREEMPTED
+    from ..engine.run import train_from_overrides
 
     summary = train_from_overrides(args.overrides)
     if int(os.environ.get("RANK", 0)) == 0:

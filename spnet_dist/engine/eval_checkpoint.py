@@ -37,8 +37,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
 def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     from ..data.loaders import build_loader
-    from ..methods import build_method, prepare_method_cfg
-    from ..models import build_model, cost_table
+    from ..methods import build_method
+    from ..models import build_from_config, cost_table
     from ..evaluation.metrics import evaluate
 
     rest = [o for o in overrides if not o.startswith("checkpoint=")]
@@ -49,8 +49,7 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     cfg = OmegaConf.create(state[CLIENT_KEY]["config"])
     OmegaConf.set_struct(cfg, True)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
-    method_cfg = prepare_method_cfg(cfg.method, cfg.model)
-    model = build_model(cfg.model, method_cfg)
+    model, method_cfg = build_from_config(cfg.model, cfg.method, pretrained=False)  # weights: the checkpoint's
     model.load_state_dict(state["module"])
     method = build_method(method_cfg, model)
     method.load_state_dict(state[CLIENT_KEY]["method"])

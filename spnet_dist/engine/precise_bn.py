@@ -77,5 +77,8 @@ class PreciseBN(Hook):
     def before_eval(self, loop: Any) -> None:
         if loop.train_batches is None:
             raise RuntimeError("PreciseBN needs the loop's train_batches (a fresh pass over the training shard)")
-        batches = loop.train_batches(loop.cfg.seed + 7919 * (loop.progress.step + 1))
-        recompute_bn_stats(loop.method.eval_model(loop.engine.module), batches, self.num_batches)
+        loader = loop.train_batches(loop.cfg.seed + 7919 * (loop.progress.step + 1))
+        try:
+            recompute_bn_stats(loop.method.eval_model(loop.engine.module), loader, self.num_batches)
+        finally:
+            getattr(loader, "release", lambda: None)()

@@ -30,10 +30,6 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
-def request(signum: int = signal.SIGTERM) -> None:
-    _requested.append(signum)
-
-
 def requested_signal() -> int | None:
     return _requested[0] if _requested else None
 
