@@ -5,10 +5,6 @@ import argparse
 import json
 import sys
 
-NAME = "check-data"
-HELP = ("check data.root (Hydra overrides as for train): layout, train/val classes, counts per class, empty "
-        "folders, undecodable files; prints a JSON report, exit 1 when something would break training")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="e.g. data.root=/data/imagenet (or data=imagenet data.root=...)")
@@ -20,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from ..cli import setup_logging
+    from ..errors import setup_logging
     from ..config import ConfigError, compose
     from ..data.check import check_data
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-NAME = "frontier"
-HELP = ("cost-accuracy Pareto frontier (MACs per image vs top-1) of an experiment's finished runs, "
-        "logged to MLflow as a run named 'frontier'")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default=None, help="experiment name (default: tracking.experiment)")
@@ -18,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..cli import setup_logging
+    from ..errors import setup_logging
     from ..tracking.frontier import frontier
 
     setup_logging(0)

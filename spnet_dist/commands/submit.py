@@ -5,10 +5,6 @@ import argparse
 import json
 from typing import Any
 
-NAME = "submit"
-HELP = ("submit `spnet train` with these overrides as a SLURM job (submitit; one task per rank, requeued from "
-        "its checkpoint on preemption/timeout); k=a,b sweeps submit one job per value")
-
 
 class _Intermixed(argparse.ArgumentParser):
     """Options may come between overrides: `spnet submit a=1 --sweep b=2,3 cluster.nodes=2 --wait`."""

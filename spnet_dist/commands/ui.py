@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-NAME = "ui"
-HELP = "start the MLflow UI on 127.0.0.1 against the tracking store (default: tracking.uri)"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uri", default=None, help="tracking store (default: tracking.uri, e.g. sqlite:///mlflow.db)")

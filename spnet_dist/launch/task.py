@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import submitit
 
+from .. import distributed as D
+
 EVENTS = "events.jsonl"
 TIMER_SLACK_S = 45  # SLURM checks time limits every ~30 s; plus the time to write the checkpoint
 
@@ -119,24 +121,6 @@ def usr_signal() -> int:
     return int(submitit.JobEnvironment._usr_sig())
 
 
-def gather(obj: Any) -> list[Any]:
-    """obj from every rank (in rank order), through the process group the trainer left initialised."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 class SlurmTask(submitit.helpers.Checkpointable):
     """One `spnet train` per SLURM task; pickled once per job (array element) by `spnet submit`."""
 
@@ -169,16 +153,17 @@ class SlurmTask(submitit.helpers.Checkpointable):
         overrides = list(self.overrides)
         if restart > 0:  # a requeued job continues from its own checkpoints, whatever resume= said at first
             overrides.append("resume=auto")
-        from ..commands.train import train_from_overrides
         from ..engine import preempt
-        from ..engine.trainer import RUN_EVENTS_ENV
+        from ..engine.run import train_from_overrides
+        from .events import RunIdEvent
 
+        hooks = []
         if rank == 0:
             self._event("started", job_id=job_id, restart=restart, node=node, world_size=world)
-            os.environ[RUN_EVENTS_ENV] = str(Path(self.job_dir) / EVENTS)  # the trainer adds the MLflow run id
+            hooks.append(RunIdEvent(Path(self.job_dir) / EVENTS))  # the MLflow run id, as soon as it exists
 
-        summary = train_from_overrides(overrides) or {}
-        ranks = gather({"node": node, "signal": preempt.requested_signal()})
+        summary = train_from_overrides(overrides, hooks) or {}
+        ranks = D.gather_objects({"node": node, "signal": preempt.requested_signal()})
         info = {"job_id": job_id, "restart": restart, "cluster": self.cluster, "submission": self.submission,
                 "rank_nodes": [r["node"] for r in ranks]}
         if not summary.get("preempted"):
@@ -210,7 +195,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
                             signal=signal.Signals(sig).name if sig else None,
                             mlflow_run_id=summary.get("mlflow_run_id"))
             log(msg)
-            barrier()
+            D.barrier()
             raise SystemExit(EXIT_PREEMPTED)
         if rank == 0:
             reason = self._reason(raw_id, t0)
@@ -226,7 +211,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
                     log(f"scontrol requeue {raw_id} failed ({r.returncode}): {r.stderr.strip()}")
         else:
             requeue = restart < self.max_requeues
-        barrier()  # the requeue is issued before any task exits (srun --kill-on-bad-exit)
+        D.barrier()  # the requeue is issued before any task exits (srun --kill-on-bad-exit)
         if not requeue:
             raise RuntimeError(
                 f"job {job_id} stopped at step {step} after {restart} requeue(s) (max_requeues="
