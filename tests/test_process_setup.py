@@ -41,7 +41,7 @@ def test_reallocating_a_freed_block_needs_no_new_page_faults():
 
 
 def test_deepspeed_ops_are_built_inside_this_environment(monkeypatch, tmp_path):
-    from spnet_dist.engine.trainer import extensions_dir_per_environment
+    from spnet_dist.engine.setup import extensions_dir_per_environment
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))

@@ -64,7 +64,7 @@ def worker(args: argparse.Namespace) -> None:
     from spnet_dist.data.loaders import build_loader
     from spnet_dist.engine.malloc import keep_freed_memory
     from spnet_dist.engine.rng import seed_all
-    from spnet_dist.engine.trainer import build_optimizer, deepspeed_config, init_distributed
+    from spnet_dist.engine.setup import build_optimizer, deepspeed_config, init_distributed
     from spnet_dist.methods import build_method, prepare_method_cfg
     from spnet_dist.models import build_model
 

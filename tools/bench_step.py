@@ -5,9 +5,9 @@ Usage:
                                [--variants static aig spnet spnet:nograd spnet:bf16teacher spnet:noteacher]
                                [--engine deepspeed|torch] [--profile] [--wait-quiet 600]
 
-One process, one set of model instances. Every variant runs exactly the trainer's step
-(``spnet_dist.engine.trainer``): ``out = engine(x)``; ``loss, terms = method.loss(engine.module, x, y, out)``;
-``engine.backward(loss)``; ``engine.step()``, with the trainer's DeepSpeed config (ZeRO-0 as the default config, 1 rank, gloo) and its
+One process, one set of model instances. Every variant runs the trainer's own step, ``TrainLoop.run_step``
+(``spnet_dist.engine.loop``: forward, method loss, finite/stop flags, backward, optimizer step), with the trainer's
+DeepSpeed config (ZeRO-0 as the default config, 1 rank, gloo) and its
 SGD (``build_optimizer``: fused, momentum 0.9, weight decay 1e-4; lr 0.01 so random data stays finite). Inputs are a fixed random
 batch (time does not depend on pixel values: training runs every block densely, whatever the gates decide).
 
@@ -28,8 +28,10 @@ Variants (``base[:option+option]``):
 Timing: ``--warmup`` untimed rounds, then ``--rounds`` rounds in which every variant does one step, in an order
 rotated every round. Reported: median step time per variant, img/s, and the ratio to ``static`` as the median of
 the per-round ratios (of wall time, and of process CPU time: the latter is less sensitive to other load). For SP-Net variants a breakdown with manual timers around the same calls on the same
-instances: student forward, EMA update, teacher forward, losses (the rest of ``method.loss``), backward (with the
-gradient all-reduce when there are several ranks), optimizer step. On a GPU every timer synchronises first.
+instances: student forward, EMA update, teacher forward, losses (the rest of ``method.loss`` and the step's flags),
+backward (with the gradient all-reduce when there are several ranks), optimizer step; the timers wrap the engine's
+forward, ``backward`` and ``step`` and the method's EMA / teacher calls. On a GPU every timer synchronises first.
+``--engine torch`` (a what-if without DeepSpeed) runs the same calls by hand.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ class Variant:
     """One model + method + engine, and its timed training step."""
 
     def __init__(self, spec: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> None:
-        from spnet_dist.engine.trainer import build_optimizer, deepspeed_config
+        from spnet_dist.engine.setup import build_optimizer, deepspeed_config
         from spnet_dist.methods import build_method, prepare_method_cfg
         from spnet_dist.models import build_model
 
@@ -87,6 +89,7 @@ class Variant:
         if self.options & {"nograd", "bf16teacher", "noteacher"} and base != "spnet":
             raise SystemExit(f"variant {spec!r}: teacher options apply to spnet only")
         self.name, self.base = spec, base
+        self.loop = None
         torch.manual_seed(0)
         mcfg = prepare_method_cfg(method_cfg(base, self.options), args.model)
         model = build_model({"name": args.model, "image_size": args.image_size}, mcfg)
@@ -110,7 +113,8 @@ class Variant:
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                                         config=deepspeed_config(cfg, bc_world()))
             self.module = self.engine.module
-            self.forward, self.backward, self.opt_step = self.engine, self.engine.backward, self.engine.step
+            self.loop = trainer_loop(self.engine, x.shape[0], self.amp)
+            self.loop.memory_format = self.memory_format
         else:
             self.module = model
 
@@ -124,6 +128,9 @@ class Variant:
 
             self.forward, self.backward, self.opt_step = fwd, (lambda loss: loss.backward()), opt_step
         self.method = build_method(mcfg, self.module)
+        if args.engine == "deepspeed":
+            self.loop.method = self.method
+            self._time_engine()
         self.parts: dict[str, list[float]] = {p: [] for p in PARTS}
         self.cpu: list[float] = []
         self.losses: list[float] = []
@@ -151,9 +158,46 @@ class Variant:
 
         setattr(self.method, attr, timed)  # instance attribute shadows the bound method
 
+    def _time_engine(self) -> None:
+        """Part timers around the engine's forward (hooks), backward and step (instance attributes)."""
+        def start(*_: Any) -> None:
+            sync()
+            self._cur["t_fwd"] = time.perf_counter()
+
+        def end(*_: Any) -> None:
+            sync()
+            self._cur["forward"] = time.perf_counter() - self._cur["t_fwd"]
+            self._cur["t_loss"] = time.perf_counter()
+
+        self.engine.register_forward_pre_hook(start)
+        self.engine.register_forward_hook(end)
+        for part, attr in (("backward", "backward"), ("step", "step")):
+            fn = getattr(self.engine, attr)
+
+            def timed(*a: Any, _fn: Callable = fn, _part: str = part, **k: Any) -> Any:
+                sync()
+                t0 = time.perf_counter()
+                if _part == "backward":
+                    self._cur["losses"] = t0 - self._cur["t_loss"]
+                res = _fn(*a, **k)
+                sync()
+                self._cur[_part] = time.perf_counter() - t0
+                return res
+
+            object.__setattr__(self.engine, attr, timed)  # instance attribute shadows the bound method
+
     def step(self) -> dict[str, float]:
         """The trainer's step; returns the per-part seconds."""
         self._cur = {}
+        if self.loop is not None:
+            c0 = time.process_time()
+            result = self.loop.run_step(self.x, self.y)
+            self._cpu = time.process_time() - c0
+            self.last_loss = result.loss
+            inner = self._cur.get("ema", 0.0) + self._cur.get("teacher", 0.0)
+            return {"forward": self._cur["forward"], "ema": self._cur.get("ema", 0.0),
+                    "teacher": self._cur.get("teacher", 0.0), "losses": self._cur["losses"] - inner,
+                    "backward": self._cur["backward"], "step": self._cur["step"]}
         sync()
         c0 = time.process_time()
         t0 = time.perf_counter()
@@ -185,6 +229,18 @@ class Variant:
         self.cpu.append(self._cpu)
 
 
+def trainer_loop(engine: Any, batch: int, bf16: bool) -> Any:
+    """The trainer's ``TrainLoop`` around ``engine``, without hooks, loaders or tracking: only ``run_step`` is used
+    (the method is set once it exists)."""
+    from omegaconf import OmegaConf
+
+    from spnet_dist.engine.loop import Progress, TrainLoop
+
+    cfg = OmegaConf.create({"trainer": {"epochs": 1, "max_steps": 0, "channels_last": None, "on_nonfinite": "stop"},
+                            "deepspeed": {"bf16_autocast": bf16}})
+    return TrainLoop(cfg, engine, None, None, [None] * batch, None, Progress(), None, [])
+
+
 def bc_world() -> int:
     import spnet_dist.distributed as D
 
@@ -192,7 +248,7 @@ def bc_world() -> int:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from spnet_dist.engine.trainer import init_distributed
+    from spnet_dist.engine.setup import init_distributed
 
     torch.set_num_threads(args.threads)
     if torch.cuda.is_available():
