@@ -38,7 +38,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     from ..data.loaders import build_loader
     from ..methods import build_method
-    from ..models import build_from_config, cost_table
+    from ..methods.build import build_from_config
+    from ..models import cost_table
     from ..evaluation.metrics import evaluate
 
     rest = [o for o in overrides if not o.startswith("checkpoint=")]

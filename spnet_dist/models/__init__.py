@@ -4,9 +4,9 @@ from .cost import CostTable, cost_table, full_macs, macs_per_image
 from .dynamic_resnet import DynamicResNet
 from .gumbel import gumbel_st
 from .output import ModelOutput
-from .registry import MODELS, build_from_config, build_model, register_model, resolve_model_cfg
+from .registry import MODELS, build_model, register_model, resolve_model_cfg
 from .routers import ROUTERS, build_router, register_router
 
-__all__ = ["build_model", "build_from_config", "DynamicResNet", "ModelOutput", "cost_table", "macs_per_image",
-           "full_macs", "CostTable", "load_torchvision_state_dict", "StateDictError", "gumbel_st", "MODELS", "ROUTERS",
+__all__ = ["build_model", "DynamicResNet", "ModelOutput", "cost_table", "macs_per_image", "full_macs",
+           "CostTable", "load_torchvision_state_dict", "StateDictError", "gumbel_st", "MODELS", "ROUTERS",
            "build_router", "register_model", "register_router", "resolve_model_cfg"]

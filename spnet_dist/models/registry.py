@@ -111,18 +111,3 @@ def build_model(model_cfg: Mapping[str, Any] | str, method_cfg: Mapping[str, Any
         load_torchvision_state_dict(model, cfg["pretrained"])
     return model
 
-
-def build_from_config(model_cfg: Mapping[str, Any] | str, method_cfg: Mapping[str, Any], *,
-                      pretrained: bool = True) -> tuple[DynamicResNet, dict[str, Any]]:
-    """The network a (model config, method config) pair describes, and the prepared method config that
-    ``build_method`` takes (``prepare_method_cfg`` fills the model keys a method derives, e.g. AIG's gate_mask).
-
-    ``pretrained=False`` skips ``model.pretrained``: for a rebuild whose weights come from a checkpoint or a
-    trained module.
-    """
-    from ..methods import prepare_method_cfg  # methods sit above models; imported only when called
-
-    if not pretrained:
-        model_cfg = {**resolve_model_cfg(model_cfg), "pretrained": None}
-    prepared = prepare_method_cfg(method_cfg, model_cfg)
-    return build_model(model_cfg, prepared), prepared

@@ -245,7 +245,7 @@ class Tracker:
         cfg = self.config
         if cfg is None or not hasattr(cfg, "model") or not hasattr(cfg, "method"):
             return model
-        from ..models import build_from_config
+        from ..methods.build import build_from_config
 
         fresh, _ = build_from_config(cfg.model, cfg.method, pretrained=False)  # the weights come from ``model``
         fresh.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
