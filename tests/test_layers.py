@@ -15,6 +15,7 @@ LAYERS = [
     {"models", "data"},
     {"evaluation"},
     {"methods"},
+    {"preflight"},
     {"tracking"},
     {"engine"},
     {"launch"},
@@ -30,12 +31,11 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(imported spnet_dist module, at module level) for every import in ``path``."""
+    """(imported spnet_dist module, run at import time) for every import in ``path``."""
     tree = ast.parse(path.read_text())
     me = _module_name(path)
     package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
-    top = {id(n) for n in tree.body} | {id(n) for node in tree.body if isinstance(node, ast.If)
-                                        for n in node.body}  # `if TYPE_CHECKING:` bodies count as module level
+    top = {id(n) for n in tree.body}  # run at import time (``if TYPE_CHECKING:`` bodies are not)
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
