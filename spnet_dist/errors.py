@@ -5,6 +5,10 @@ class SpnetError(RuntimeError):
     """A stop the user can act on: the message names what is wrong and what to do."""
 
 
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key, the bad value and what would be right."""
+
+
 # What the CLI reports as one line (exit code 2) instead of a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, SpnetError)
 

@@ -13,7 +13,7 @@ import yaml
 from spnet_dist.evaluation.budgeted import (anytime, assign_exits, budgeted_result, exit_proportions,
                                             fit_thresholds, search_budget)
 from spnet_dist.methods import build_method, prepare_method_cfg
-from spnet_dist.methods.boostnet import heldout_indices, list_image_files, train_exclusions
+from spnet_dist.methods.boostnet import heldout_indices
 from spnet_dist.methods.losses import boosted_ce
 from spnet_dist.models import build_model, cost_table
 from spnet_dist.models.boostnet import EarlyExitResNet, ensemble_logits
@@ -201,30 +201,22 @@ def test_evaluate_anytime_and_budgeted_with_heldout_loader():
 
 
 # ---------------------------------------------------------------------------------------------- held-out split
-def test_heldout_split_is_method_state(tmp_path):
-    root = tmp_path / "train"
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
-        for i in range(10):
-            (root / c / f"{c}_{i}.JPEG").write_bytes(b"")
-    (root / "a" / "notes.txt").write_text("not an image")
-    files = list_image_files(root)
-    assert len(files) == 20 and files[0] == "a/a_0.JPEG"
+def test_heldout_split_is_method_state():
+    files = [f"{c}/{c}_{i}.JPEG" for c in ("a", "b") for i in range(10)]  # the plan's usable training files
     _, method = make(heldout=0.25, heldout_seed=3)
-    held = method.ensure_split(root)
-    assert len(held) == 5 and held == train_exclusions(boost_cfg(heldout=0.25, heldout_seed=3), root)
-    assert method.heldout_trained_on and method.train_exclusions(root) == held and not method.heldout_trained_on
+    held = method.ensure_split(files[::-1])  # drawn from the sorted list, whatever order it is given in
+    assert held == [sorted(files)[i] for i in heldout_indices(20, 5, 3).tolist()] and len(set(held)) == 5
+    assert method.heldout_trained_on and method.train_exclusions(files) == held and not method.heldout_trained_on
     assert torch.equal(method.heldout["indices"], heldout_indices(20, 5, 3))
     state = method.state_dict()
     _, other = make(heldout=0.25, heldout_seed=99)  # another seed in the config: the state wins on resume
     other.load_state_dict(state)
-    assert other.ensure_split(root) == held
-    (root / "b" / "b_99.JPEG").write_bytes(b"")
+    assert other.ensure_split(files) == held
     with pytest.raises(ValueError, match="drawn from 20"):
-        other.ensure_split(root)
-    _, big = make(heldout=21)  # the folder now has 21 images
+        other.ensure_split(files + ["b/b_99.JPEG"])
+    _, big = make(heldout=21)  # the split now has 21 images
     with pytest.raises(ValueError, match="impossible"):
-        big.ensure_split(tmp_path / "train")
+        big.ensure_split(files + ["b/b_99.JPEG"])
 
 
 def test_method_config_checks():

@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from spnet_dist.cli import main
-from spnet_dist.config import ConfigError, _schema, compose, config_dir, job_yaml, redact, validate
+from spnet_dist.config import ConfigError, compose, config_dir, redact
+from spnet_dist.config.schema import schema
+from spnet_dist.preflight import job_yaml, preflight
 
 SECRET = "s3cr3t-Pa55word-xyz"
 
@@ -124,23 +126,23 @@ def test_job_yaml_masks_short_secret_values(monkeypatch):
     assert "tk42" not in text and "name: run-***" in text
 
 
-def test_validate_checks_this_machine_and_required_values(monkeypatch, tmp_path):
+def test_preflight_checks_this_machine_and_required_values(monkeypatch, tmp_path):
     cores = len(os.sched_getaffinity(0))
     with pytest.raises(ConfigError, match=rf"^trainer.nprocs={cores + 1} is more than the {cores} CPU cores available "
                                           rf"here; choose trainer.nprocs between 1 and {cores}$"):
-        validate(compose([f"trainer.nprocs={cores + 1}"]), data=False)
+        preflight(compose([f"trainer.nprocs={cores + 1}"]), data=False)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "64")
-    validate(compose([f"trainer.nprocs={cores + 1}"]), data=False)  # under a launcher nprocs is not used
+    preflight(compose([f"trainer.nprocs={cores + 1}"]), data=False)  # under a launcher nprocs is not used
     monkeypatch.delenv("RANK")
     with pytest.raises(ConfigError, match=r"^data.root is required and has no default: add data.root=<value>"):
-        validate(compose(["data=imagenet", "model=resnet50"]), data=False)
+        preflight(compose(["data=imagenet", "model=resnet50"]), data=False)
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^data.decode=mixed needs a CUDA GPU, but this machine has none; "
                                               r"choose one of auto, cpu"):
-            validate(compose(["data.decode=mixed"]), data=False)
+            preflight(compose(["data.decode=mixed"]), data=False)
 
 
 def test_machine_errors_through_the_cli_are_one_line(tiny_data, tmp_path):
@@ -154,7 +156,7 @@ def test_machine_errors_through_the_cli_are_one_line(tiny_data, tmp_path):
 
 # ------------------------------------------------------------------------------------- property-based test
 
-_S = _schema(str(config_dir()))
+_S = schema(str(config_dir()))
 KEYS = sorted(_S.leaves) + ["trainer.batch_sise", "foo", "tracking.password", "data", "model", "hydra.run.dir",
                             "trainer.sync_check_every", "optim.no_decay_bn", "a.b.c", "x/y", ""]
 GROUPS = sorted(_S.groups) + ["hydra/launcher", "nope"]

@@ -13,10 +13,13 @@ import pytest
 from conftest import last_json, run_spnet, tiny_train_args
 from PIL import Image
 
-from spnet_dist.config import ConfigError, compose, validate
-from spnet_dist.data.check import DataError, class_dirs, quick_check, split_index
+from spnet_dist.config import ConfigError, compose
 from spnet_dist.data.dali import CorruptDataError
-from spnet_dist.data.loaders import build_loader
+from spnet_dist.data.files import class_dirs
+from spnet_dist.data.index import build_index, split_index
+from spnet_dist.data.loader import build_loader
+from spnet_dist.data.preflight import DataError, plan_data
+from spnet_dist.preflight import preflight
 from spnet_dist.data.tiny import make_tiny_imagenet
 
 CLASSES = 4
@@ -136,7 +139,8 @@ def test_dali_decodes_cmyk_png_and_gray_named_jpeg_like_pil(data):
 
 
 def _loader_files(cfg, train: bool) -> list[tuple[str, int]]:
-    loader = build_loader(cfg, train=train, shard_id=0, num_shards=1, with_source_info=True)
+    plan = plan_data(cfg, world=1)
+    loader = build_loader(cfg, plan, train=train, shard_id=0, num_shards=1, with_source_info=True)
     return [(f, int(label)) for _, labels, files in loader for f, label in zip(files, labels)]
 
 
@@ -144,7 +148,7 @@ def test_training_loaders_leave_out_bad_files_and_keep_labels(data, caplog):
     bad = add(data, "train", TRAIN_BAD) + add(data, "val", VAL_BAD)
     add(data, "train", TRAIN_ODD)
     cfg = compose([f"data.root={data}", "trainer.batch_size=1", "data.image_size=32", "data.val_resize=36",
-                   "data.decode=cpu"])
+                   "data.decode=cpu", f"model.num_classes={CLASSES}"])
     classes = class_dirs(data / "train")
     with caplog.at_level(logging.WARNING, logger="spnet.data"):
         val = _loader_files(cfg, train=False)
@@ -191,27 +195,27 @@ def test_a_file_dali_fails_on_at_run_time_is_named_and_recorded(data):
     """data.scan=off: no pre-scan, so DALI meets the truncated file itself; the error names it."""
     (bad,) = add(data, "val", VAL_BAD)
     cfg = compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
-                   "data.decode=cpu", "data.scan=off", "data.on_corrupt=fail"])
+                   "data.decode=cpu", "data.scan=off", "data.on_corrupt=fail", f"model.num_classes={CLASSES}"])
     with pytest.raises(CorruptDataError) as err:
         _loader_files(cfg, train=False)
     assert str(err.value) == (f"DALI could not decode {bad} (the decoder failed: truncated or corrupt image data); "
                               f"replace or delete the file, or set data.on_corrupt=skip")
     cfg = compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
-                   "data.decode=cpu", "data.scan=off", "data.on_corrupt=skip"])
+                   "data.decode=cpu", "data.scan=off", "data.on_corrupt=skip", f"model.num_classes={CLASSES}"])
     with pytest.raises(CorruptDataError, match=f"DALI could not decode {bad} .*now listed as bad in"):
         _loader_files(cfg, train=False)
     idx = split_index(data / "val")
     assert f"{bad.parent.name}/{bad.name}" in idx["runtime_bad"]
     # the next run (default scan) leaves it out: every other val image, exactly once
     cfg = compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
-                   "data.decode=cpu"])
+                   "data.decode=cpu", f"model.num_classes={CLASSES}"])
     assert len(_loader_files(cfg, train=False)) == CLASSES * 4
 
 
 def test_an_error_dali_does_not_attribute_points_to_check_data(data):
     add(data, "val", [(3, "hdr.JPEG", "header")])
     cfg = compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
-                   "data.decode=cpu", "data.scan=off"])
+                   "data.decode=cpu", "data.scan=off", f"model.num_classes={CLASSES}"])
     with pytest.raises(CorruptDataError, match=r"does not say which; run `spnet check-data data.root="):
         _loader_files(cfg, train=False)
 
@@ -225,33 +229,37 @@ def test_missing_val_class_fails_before_training_with_one_line(data, tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith(f"spnet train: error: data.root='{data}': val has no folder for 1 of the 4 train "
                                f"classes ({missing}).")
-    # the loaders refuse too (eval builds only the val loader)
+    # the plan refuses too (eval plans its data the same way)
     cfg = compose([f"data.root={data}", "data.image_size=32", "data.val_resize=36"])
     with pytest.raises(DataError, match="labels would not match"):
-        build_loader(cfg, train=False, shard_id=0, num_shards=1)
+        plan_data(cfg, world=1, for_training=False)
+
+
+def _plan(data: Path, num_classes: int = CLASSES, batch_size: int = 1):
+    return plan_data(compose([f"data.root={data}", f"model.num_classes={num_classes}",
+                              f"trainer.batch_size={batch_size}"]), world=1)
 
 
 def test_empty_and_hidden_class_folders_and_class_count(data, tmp_path):
-    cfg = compose([f"data.root={data}", f"model.num_classes={CLASSES}"])
-    quick_check(cfg.data, CLASSES)  # clean: fine
+    _plan(data)  # clean: fine
     with pytest.raises(DataError, match=rf"model.num_classes=10 but data.root='{data}' has {CLASSES} classes .*"
                                         rf"set model.num_classes={CLASSES}"):
-        quick_check(cfg.data, 10)
+        _plan(data, 10)
     with pytest.raises(DataError, match=r"trainer.batch_size=64 is too large: 1 rank\(s\) x 64 = 64 images per step"
                                         r", but .* has 40 usable training images"):
-        quick_check(cfg.data, CLASSES, batch_size=64)
+        _plan(data, batch_size=64)
     for split in ("train", "val"):
         (data / split / "n09999999").mkdir()
     (data / "val" / "n09999999" / "x.JPEG").write_bytes((data / "val").joinpath(
         class_dirs(data / "val")[0]).iterdir().__next__().read_bytes())
     with pytest.raises(DataError, match=r"1 class folder\(s\) without usable images: train/n09999999"):
-        quick_check(cfg.data, CLASSES + 1)
+        _plan(data, CLASSES + 1)
     shutil.rmtree(data / "train" / "n09999999")
     shutil.rmtree(data / "val" / "n09999999")
     for split in ("train", "val"):
         shutil.copytree(data / split / class_dirs(data / split)[0], data / split / ".ipynb_checkpoints")
     with pytest.raises(DataError, match=r"hidden folder\(s\) .ipynb_checkpoints .* taken as classes by DALI"):
-        quick_check(cfg.data, CLASSES + 1)
+        _plan(data, CLASSES + 1)
 
 
 def test_class_count_mismatch_via_the_cli(data, tmp_path):
@@ -262,26 +270,24 @@ def test_class_count_mismatch_via_the_cli(data, tmp_path):
         f"train/); set model.num_classes={CLASSES}"]
 
 
-def test_quick_check_is_cached_and_sees_new_files(data):
-    cfg = compose([f"data.root={data}"])
-    idx = quick_check(cfg.data, CLASSES)
+def test_the_plan_is_cached_and_sees_new_files(data):
     c0 = class_dirs(data / "train")[0]
-    assert idx["train"]["counts"][c0] == 10
+    in_c0 = [f for f in _plan(data).train.files if f.startswith(f"{c0}/")]
+    assert len(in_c0) == 10
     (data / "train" / c0 / "new.JPEG").write_bytes(next((data / "train" / c0).iterdir()).read_bytes())
-    assert quick_check(cfg.data, CLASSES)["train"]["counts"][c0] == 11  # the index notices the folder changed
+    assert f"{c0}/new.JPEG" in _plan(data).train.files  # the index notices the folder changed
 
 
-def test_validate_runs_the_data_check_for_train(data):
+def test_preflight_runs_the_data_check_for_train(data):
     cfg = compose([f"data.root={data}", "model.num_classes=3"])
     with pytest.raises(ConfigError, match=r"^model.num_classes=3 but data.root="):
-        validate(cfg)
-    validate(compose([f"data.root={data}", f"model.num_classes={CLASSES}"]))
+        preflight(cfg)
+    plan = preflight(compose([f"data.root={data}", f"model.num_classes={CLASSES}"]))
+    assert len(plan.train.files) == CLASSES * 10 and plan.shard_sizes == {"train": (40,), "val": (16,)}
 
 
 def test_full_decode_of_many_files_runs_in_worker_processes(tmp_path, caplog):
     """check-data's decode level on > 400 files uses a process pool (PIL holds the GIL); results are the same."""
-    from spnet_dist.data.check import build_index
-
     split = tmp_path / "data" / "train"
     good = io.BytesIO()
     _photo(1).save(good, format="JPEG")

@@ -8,7 +8,8 @@ import pytest
 from conftest import TINY_CLASSES, last_json, run_spnet, tiny_train_args
 
 from spnet_dist.config import compose
-from spnet_dist.data.loaders import build_loader
+from spnet_dist.data.loader import build_loader
+from spnet_dist.data.preflight import plan_data
 
 SUMMARY_KEYS = {"top1", "macs_per_image", "exec_rate", "checkpoint", "mlflow_run_id", "steps"}
 
@@ -69,12 +70,14 @@ def test_config_overrides_and_bad_key(tmp_path):
 
 
 def test_dali_shards_are_disjoint_across_two_ranks(tiny_data):
-    cfg = compose([f"data.root={tiny_data}", "trainer.batch_size=8", "data.image_size=32", "data.val_resize=36"])
+    cfg = compose([f"data.root={tiny_data}", "trainer.batch_size=8", "data.image_size=32", "data.val_resize=36",
+                   f"model.num_classes={TINY_CLASSES}"])
+    plan = plan_data(cfg, world=2)
     all_val = {p.name for p in (tiny_data / "val").rglob("*.JPEG")}
     for train in (True, False):
         names = []
         for shard in range(2):
-            loader = build_loader(cfg, train=train, shard_id=shard, num_shards=2, with_source_info=True)
+            loader = build_loader(cfg, plan, train=train, shard_id=shard, num_shards=2, with_source_info=True)
             names.append([Path(f).name for _, _, files in loader for f in files])
         assert names[0] and names[1]
         assert not set(names[0]) & set(names[1]), "ranks read overlapping files"

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import last_json, run_spnet, tiny_train_args
 
-from spnet_dist.config import check_config, compose
+from spnet_dist.config import compose
+from spnet_dist.preflight import check_static
 from spnet_dist.engine.schedule import EpochClock, lr_factor
 
 TARGET = 0.3
@@ -93,7 +94,7 @@ RANKS = {256: 4, 128: 1}  # the per-rank batch in the presets is written for the
 def test_schedule_preset_composes_with_the_official_recipe(name: str) -> None:
     optim, epochs, global_batch, official_lr, official_epochs = PRESETS[name]
     cfg = compose([f"schedule={name}"])
-    check_config(cfg)
+    check_static(cfg)
     assert cfg.optim.lr == optim["lr"] and list(cfg.optim.milestones) == optim["milestones"]
     assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4 and cfg.optim.nesterov is False
     assert cfg.optim.gamma == 0.1 and cfg.optim.warmup_epochs == 0

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from spnet_dist.osutil import usable_cores  # noqa: E402  (after the sys.path insert)
+
 BENCH_DIR = Path("outputs/bench")
 
 
@@ -44,13 +46,6 @@ def cpu_model() -> str:
     except OSError:  # pragma: no cover
         pass
     return platform.processor() or "unknown"
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
 
 
 def machine() -> dict[str, Any]:

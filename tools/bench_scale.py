@@ -61,7 +61,8 @@ def worker(args: argparse.Namespace) -> None:
 
     import spnet_dist.distributed as D
     from spnet_dist.config import compose
-    from spnet_dist.data.loaders import build_loader
+    from spnet_dist.data.loader import build_loader
+    from spnet_dist.data.preflight import plan_data
     from spnet_dist.engine.malloc import keep_freed_memory
     from spnet_dist.engine.rng import seed_all
     from spnet_dist.engine.setup import build_optimizer, deepspeed_config, init_distributed
@@ -82,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world))
     method = build_method(method_cfg, engine.module)
     seed_all(cfg.seed + 1000 * rank)
-    loader = build_loader(cfg, train=True, shard_id=rank, num_shards=world)
+    loader = build_loader(cfg, plan_data(cfg, world), train=True, shard_id=rank, num_shards=world)
     engine.train()
 
     def batches():

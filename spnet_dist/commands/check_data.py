@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import setup_logging
     from ..config import ConfigError, compose
-    from ..data.check import check_data
+    from ..data.report import check_data
 
     setup_logging(0)
     cfg = compose(args.overrides)

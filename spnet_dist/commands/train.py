@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any] | int | None:
     if args.cfg:
-        from ..config import job_yaml
+        from ..preflight import job_yaml
 
         print(job_yaml(args.overrides))
         return None

@@ -4,21 +4,34 @@ Train: file reader (random shuffle, padded last batch) -> decode -> random-resiz
 Val: file reader (no shuffle, padded last batch) -> decode -> resize shorter side -> center crop + normalize.
 Decoding runs on the CPU (``device_id=None``) unless a GPU is present and ``decode`` is ``auto`` or ``mixed``.
 
-Bad files: ``build_loader`` normally hands the reader a ``file_list`` without the files the data check found
-undecodable (see ``data/check.py``). A file DALI still fails on stops the pipeline for good (DALI 2.4 has no
-skip option); ``DaliLoader`` turns that "Critical error in pipeline" into a ``CorruptDataError`` naming the
-file, and with ``on_corrupt='skip'`` records it so the next run leaves it out.
+The reader always gets a ``file_list`` (``write_file_list``: the pre-flight plan's usable files, or a subset of
+them, labelled by position in the full class list), so it never lists the folders itself. A file DALI still fails
+on stops the pipeline for good (DALI 2.4 has no skip option); ``DaliLoader`` turns that "Critical error in
+pipeline" into a ``CorruptDataError`` naming the file, and with ``on_corrupt='skip'`` records it so the next run
+leaves it out.
+
+``build`` is this backend's entry for ``loader.build_loader`` (``data.backend=dali``).
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from ..osutil import write_atomic
+from .index import cache_dir, record_bad_file
+from .options import DECODE_CHOICES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .preflight import DataPlan
 
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -30,8 +43,8 @@ def resolve_decode(decode: str) -> str:
         return "mixed" if torch.cuda.is_available() else "cpu"
     if decode == "mixed" and not torch.cuda.is_available():
         raise ValueError("data.decode=mixed needs a CUDA GPU, but none is available; use data.decode=cpu or auto")
-    if decode not in ("cpu", "mixed"):
-        raise ValueError(f"data.decode={decode!r} is not valid; choose one of auto, cpu, mixed")
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"data.decode={decode!r} is not valid; choose one of {', '.join(DECODE_CHOICES)}")
     return decode
 
 
@@ -119,8 +132,6 @@ def translate_dali_error(err: BaseException, spec: LoaderSpec) -> BaseException:
     except ValueError:
         rel = None
     if spec.on_corrupt == "skip" and rel:
-        from .check import record_bad_file
-
         where = record_bad_file(root, rel, f"DALI: {reason}")
         return CorruptDataError(
             f"DALI could not decode {path} ({reason}); it is now listed as bad in {where}, so the next run leaves "
@@ -135,11 +146,17 @@ class DaliLoader:
 
     Train drops the ragged last batch so every rank runs the same number of steps; val keeps every image
     exactly once (padding duplicates are dropped by the iterator). ``state_dict`` holds the DALI checkpoint
-    (reader position + RNG states) for exact mid-epoch resume.
+    (reader position + RNG states) for exact mid-epoch resume. ``plan``: the pre-flight plan the spec's file list
+    comes from (needed by ``subset``).
     """
 
-    def __init__(self, spec: LoaderSpec, checkpoint: str | None = None):
+    def __init__(self, spec: LoaderSpec, checkpoint: str | None = None, plan: DataPlan | None = None):
         self.spec = spec
+        self.plan = plan
+        self._build(checkpoint)
+
+    def _build(self, checkpoint: str | None) -> None:
+        spec = self.spec
         decode = resolve_decode(spec.decode)
         device_id = torch.cuda.current_device() if decode == "mixed" else None
         self.pipe = _imagenet_pipe(root=spec.root, shard_id=spec.shard_id, num_shards=spec.num_shards,
@@ -189,5 +206,47 @@ class DaliLoader:
     def state_dict(self) -> dict:
         return {"dali": self.iterator.checkpoints()[0]}
 
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (a ``state_dict()``): the pipeline is rebuilt from the DALI checkpoint."""
+        self.release()
+        self._build(state["dali"])
+
+    def subset(self, files: Sequence[str], split: str) -> DaliLoader:
+        """This loader's settings with the evaluation transform over ``files`` of ``split`` (see ``Loader``)."""
+        if self.plan is None:
+            raise ValueError("subset() needs a loader made by build_loader (from a pre-flight plan)")
+        return DaliLoader(replace(self.spec, root=str(self.plan.split(split).dir), train=False,
+                                  with_source_info=False, file_list=write_file_list(self.plan, split, files)),
+                          plan=self.plan)
+
     def release(self) -> None:
-        del self.iterator, self.pipe
+        self.__dict__.pop("iterator", None)
+        self.__dict__.pop("pipe", None)
+
+
+def write_file_list(plan: DataPlan, split: str, files: Sequence[str]) -> str:
+    """A DALI ``file_list`` (``<class>/<file> <label>`` lines, relative to the split folder; label = position in
+    the plan's class list, as ``file_root`` would number it) of ``files``, cached in the data's cache folder under
+    a name that changes with its content."""
+    label = {c: i for i, c in enumerate(plan.classes)}
+    text = "".join(f"{f} {label[f.split('/', 1)[0]]}\n" for f in files)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+    path = cache_dir(plan.root) / f"files-{split}-{digest}.txt"
+    if not path.is_file():
+        write_atomic(path, text)
+    return str(path)
+
+
+def build(cfg: Any, plan: DataPlan, split: str, train: bool, shard_id: int, num_shards: int, files: Sequence[str],
+          state: dict | None = None, with_source_info: bool = False) -> DaliLoader:
+    """The DALI loader of one shard of ``files`` (see ``loader.build_loader``)."""
+    data = cfg.data
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", num_shards))
+    spec = LoaderSpec(root=str(plan.split(split).dir), batch_size=cfg.trainer.batch_size,
+                      shard_id=shard_id, num_shards=num_shards, train=train, crop=data.image_size,
+                      val_resize=data.val_resize, num_threads=max(1, data.num_threads // max(1, local_world)),
+                      seed=cfg.seed + (0 if train else 1), decode=data.decode, with_source_info=with_source_info,
+                      # GPU decode: HWC batches, handed out as channels_last NCHW views (saves a transpose)
+                      layout="HWC" if resolve_decode(data.decode) == "mixed" else "CHW",
+                      file_list=write_file_list(plan, split, files), on_corrupt=str(data.get("on_corrupt", "skip")))
+    return DaliLoader(spec, checkpoint=state["dali"] if state else None, plan=plan)

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .check import DALI_EXTS, SPLITS, class_dirs
+from .files import IMAGE_EXTS, SPLITS, class_dirs
 
 log = logging.getLogger("spnet.prepare")
 
@@ -156,7 +156,7 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 def _safe_name(name: str) -> str | None:
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    if not base or base.startswith(".") or os.path.splitext(base)[1].lower() not in DALI_EXTS:
+    if not base or base.startswith(".") or os.path.splitext(base)[1].lower() not in IMAGE_EXTS:
         return None
     return base
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 
 from ..errors import SpnetError
+from ..osutil import write_atomic
 from .. import distributed as D
 
 log = logging.getLogger("spnet.checkpoint")
@@ -30,18 +30,9 @@ def _step_of(tag: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _file_sizes(tag_dir: Path) -> dict[str, int]:
     return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-            if p.is_file() and p.name not in (COMPLETE, COMPLETE + ".tmp")}
+            if p.is_file() and p.name != COMPLETE and not p.name.startswith(f".{COMPLETE}.")}  # (its temp file)
 
 
 def complete_tags(directory: str | Path) -> list[str]:
@@ -127,8 +118,8 @@ class Checkpointer:
         if error is None and D.rank() == 0:
             def finish() -> None:
                 marker = {"step": step, "world_size": D.world_size(), "files": _file_sizes(tag_dir)}
-                _write_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=1))
-                _write_atomic(self.directory / LATEST, tag)
+                write_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=1), fsync=True)
+                write_atomic(self.directory / LATEST, tag, fsync=True)
             error = _attempt(finish)
         error = D.first_error(error)
         if error is not None:

@@ -36,7 +36,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
 
 def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
-    from ..data.loaders import build_loader
+    from ..data.loader import build_loader
+    from ..data.preflight import plan_data
     from ..methods import build_method
     from ..methods.build import build_from_config
     from ..models import cost_table
@@ -55,7 +56,8 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     method = build_method(method_cfg, model)
     method.load_state_dict(state[CLIENT_KEY]["method"])
     run_eval = getattr(method, "evaluate", None) or evaluate  # e.g. BoostNet's anytime / budgeted evaluation
-    loader = build_loader(cfg, train=False, shard_id=0, num_shards=1)
+    plan = plan_data(cfg, world=1, for_training=False)  # the data checks, once; the loader reads its file lists
+    loader = build_loader(cfg, plan, train=False, shard_id=0, num_shards=1)
     metrics = run_eval(method.eval_model(model), loader, cost_table(model, cfg.data.image_size), cfg.eval.execution)
     progress = state[CLIENT_KEY]["progress"]
     return {**metrics, "checkpoint": str(find_model_file(paths[0]).parent), "steps": progress["step"],

@@ -20,32 +20,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def preflight(cfg: Any) -> None:
-    """Keys, values, this machine, the data (cheap, cached): one clear error before any work."""
-    from ..config import validate
-    from ..data.loaders import check_layout
-
-    validate(cfg)
-    check_layout(cfg.data.root)
-
-
 def train_from_overrides(overrides: Sequence[str], hooks: Sequence[Hook] = ()) -> dict[str, Any] | None:
     """Compose the config and train; returns this process's summary (rank 0's holds the run's results).
     ``hooks`` join the standard ones where this process is the rank (a launcher's rank, or one local rank)."""
     from ..config import compose, to_container
+    from ..preflight import preflight
     from .trainer import train
 
     cfg = compose(overrides)
-    preflight(cfg)
+    plan = preflight(cfg)  # keys, values, this machine, the data (cheap, cached): one clear error before any work
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, a SLURM task, or env vars set by hand
         setup_logging(int(os.environ["RANK"]))
-        return train(cfg, hooks)
+        return train(cfg, hooks, plan=plan)
     nprocs = int(cfg.trainer.nprocs)
     if nprocs <= 1:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
         setup_logging(0)
-        return train(cfg, hooks)
+        return train(cfg, hooks, plan=plan)
     if hooks:
         raise ValueError("extra training hooks need this process to be the rank (trainer.nprocs=1 or a launcher)")
     return spawn_local(to_container(cfg), nprocs)

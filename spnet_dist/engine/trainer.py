@@ -58,19 +58,23 @@ def restore(cfg: Any, engine: Any, method: Any, found: tuple[Path, str],
     return prog, client
 
 
-def build_loaders(cfg: Any, method: Any, dali_state: Any) -> tuple[Any, Any]:
+def build_loaders(cfg: Any, method: Any, dali_state: Any, plan: Any = None) -> tuple[Any, Any]:
     """This rank's training loader (restored to ``dali_state`` when given; without the method's held-out images)
-    and validation loader."""
-    from ..data.loaders import build_loader
+    and validation loader, reading the files of ``plan`` (the start's pre-flight ``DataPlan``; made here, once,
+    when not given)."""
+    from ..data.loader import build_loader
+    from ..data.preflight import plan_data
 
     rank, world = D.rank(), D.world_size()
-    held_out = method.train_exclusions(Path(cfg.data.root) / "train") if hasattr(method, "train_exclusions") else ()
-    train_loader = build_loader(cfg, train=True, shard_id=rank, num_shards=world, checkpoint=dali_state,
-                                exclude=held_out)
+    plan = plan if plan is not None else plan_data(cfg, world)
+    held_out = set(method.train_exclusions(plan.train.files))
+    files = [f for f in plan.train.files if f not in held_out] if held_out else None
+    train_loader = build_loader(cfg, plan, train=True, shard_id=rank, num_shards=world,
+                                state={"dali": dali_state} if dali_state is not None else None, files=files)
     if len(train_loader) == 0:
         raise ValueError(f"trainer.batch_size={cfg.trainer.batch_size} x {world} ranks is larger than the "
                          f"training shard ({train_loader.shard_size} images); use a smaller batch size")
-    return train_loader, build_loader(cfg, train=False, shard_id=rank, num_shards=world)
+    return train_loader, build_loader(cfg, plan, train=False, shard_id=rank, num_shards=world)
 
 
 def fresh_train_pass(cfg: Any, method: Any) -> Any:
@@ -85,9 +89,10 @@ def fresh_train_pass(cfg: Any, method: Any) -> Any:
     return make
 
 
-def train(cfg: Any, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
-    """Run training on this rank with the standard hooks plus ``hooks`` (e.g. a SLURM task's events file);
-    returns the summary (rank 0's is printed by the CLI)."""
+def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, Any]:
+    """Run training on this rank with the standard hooks plus ``hooks`` (e.g. a SLURM task's events file) on the
+    files of ``plan`` (the start's pre-flight ``DataPlan``; made once here when not given); returns the summary
+    (rank 0's is printed by the CLI)."""
     import deepspeed
 
     from ..methods import build_method, prepare_method_cfg
@@ -112,7 +117,8 @@ def train(cfg: Any, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     seed_all(cfg.seed + 1000 * rank)  # per-rank Gumbel / dropout streams
 
     prog, client = restore(cfg, engine, method, found, same_world) if found else (Progress(), None)
-    train_loader, val_loader = build_loaders(cfg, method, client["data"][rank] if client and same_world else None)
+    train_loader, val_loader = build_loaders(cfg, method, client["data"][rank] if client and same_world else None,
+                                             plan)
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
     loop = TrainLoop(cfg, engine, method, table, train_loader, val_loader, prog,
                      Tracker.from_config(cfg, enabled=rank == 0), [*standard_hooks(cfg, optimizer, ckpt), *hooks],

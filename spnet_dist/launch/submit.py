@@ -23,7 +23,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ConfigError, check_config, check_data_fits, check_required, compose
+from ..config import ConfigError, compose
+from ..config.checks import check_required
+from ..preflight import check_static, plan_checked
 from . import jobs as J
 from .profile import executor_parameters, load_profile, sbatch_parameters, split_cluster_overrides
 from .task import SlurmTask
@@ -91,13 +93,13 @@ def plan(overrides: Sequence[str], cluster: str | None = None, folder: str | Pat
             extra.append(f"trainer.threads={profile['cpus_per_task']}")
         job_overrides = combo + extra
         cfg = compose(job_overrides)  # a bad key fails here, before anything is submitted
-        check_config(cfg)  # bad choices and ranges too
+        check_static(cfg)  # bad choices and ranges too
         check_required(cfg)
         first_cfg = first_cfg or cfg
         # the data must fit this job's world size (nodes x tasks per node), checked here rather than in the job
         fit = (str(cfg.data.root), int(cfg.model.num_classes), int(cfg.trainer.batch_size), world)
         if fit not in checked:
-            check_data_fits(cfg, world)
+            plan_checked(cfg, world, scan="off")  # listing only: no file is opened on the login node
             checked.add(fit)
         job_list.append({"index": i, "overrides": job_overrides, "job_dir": str(job_dir),
                          "checkpoint_dir": str(Path(str(cfg.checkpoint.dir)).absolute()),

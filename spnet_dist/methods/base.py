@@ -10,7 +10,7 @@ teacher). The trainer owns the model, optimizer and data; per iteration it does:
 Hooks the trainer calls on every method (the base class's are no-ops or the default): ``on_epoch_start(epoch)``
 before every (possibly resumed) epoch (RDI-Net: uniform-sampling warm-up phase), ``evaluate(model, loader, table,
 execution) -> dict`` (default ``evaluation.metrics.evaluate``; RDI-Net: + skip/light/full rates; BoostNet: anytime and
-budgeted batch) and ``train_exclusions(train_root)`` (training files to leave out; BoostNet: its held-out split).
+budgeted batch) and ``train_exclusions(train_files)`` (training files to leave out; BoostNet: its held-out split).
 
 Construction order expected from the trainer (see ``prepare_method_cfg``)::
 
@@ -96,6 +96,11 @@ class Method:
     """
 
     name: ClassVar[str] = "base"
+    # the method.* keys this method reads with a fixed set of values / a numeric range (low, high, low inclusive),
+    # checked by the pre-flight (spnet_dist.preflight) before a run; a subclass extends its parent's
+    config_choices: ClassVar[dict[str, tuple]] = {}
+    config_ranges: ClassVar[dict[str, tuple[float | None, float | None, bool]]] = {
+        "method.target_rate": (0, 1, False)}
 
     def __init__(self, cfg: Mapping, model: torch.nn.Module) -> None:
         self.cfg = to_plain(cfg)
@@ -177,8 +182,9 @@ class Method:
 
         return evaluate(model, loader, table, execution)
 
-    def train_exclusions(self, train_root: Any) -> list[str]:
-        """``<class>/<file>`` paths of the training split this method keeps out of training (none by default)."""
+    def train_exclusions(self, train_files: Sequence[str]) -> list[str]:
+        """Of ``train_files`` (the pre-flight plan's usable ``<class>/<file>`` training files), those this method
+        keeps out of training (none by default)."""
         return []
 
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -254,6 +260,8 @@ class GatedMethod(Method):
     """
 
     default_rate_loss: ClassVar[str] = "two_sided"
+    config_choices = {**Method.config_choices, "method.rate_loss": ("one_sided", "two_sided")}
+    config_ranges = {**Method.config_ranges, "method.rate_weight": (0, None, True)}
 
     def __init__(self, cfg: Mapping, model: torch.nn.Module) -> None:
         super().__init__(cfg, model)

@@ -6,7 +6,7 @@ Model (``arch: early_exit``, ``models/boostnet.py``): the plain ResNet (no route
 Training (§6.c, paper Eq. 6): ``L = Σ_n w_n · CE(f_n + stopgrad(t·F_{n−1}), y)``, F_n = f_n + t·F_{n−1}, t = 0.5,
 w_n = 1.
 
-Evaluation (``evaluate``, called by the trainer instead of the default pass):
+Evaluation (``evaluate``, this method's override of the ``Method`` hook):
 
 * anytime — top-1 of argmax F_n at every exit on the validation set, with the cumulative MACs of that exit
   (earlier heads included; ``cost.exit_macs``);
@@ -19,18 +19,14 @@ Evaluation (``evaluate``, called by the trainer instead of the default pass):
   official p = k/20 sweep is reported as ``budget_curve``.
 
 Held-out split: ``heldout`` (fraction < 1 or an image count; default 0.039 ≈ ImageNet's 50,000 of 1,281,167) of a
-seeded permutation of the sorted training files (``heldout_seed``); the indices are method state (checkpointed and
-reused on resume/evaluation). The split must also be excluded from the training loader — ``BoostNet.train_exclusions``
-gives the file list (that needs a loader hook in the trainer; until a trainer calls it, the held-out images are also
-trained on and the result carries ``heldout_trained_on: true``).
+seeded permutation of the sorted usable training files of the pre-flight plan (``heldout_seed``); the indices are
+method state (checkpointed and reused on resume/evaluation). The trainer leaves the split out of the training loader
+(``train_exclusions``, which sets ``heldout_trained_on: false``); evaluation reads it through the validation loader's
+``subset`` (validation transform, labels of the full class list).
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
@@ -45,21 +41,10 @@ from .losses import boosted_ce
 if TYPE_CHECKING:  # pragma: no cover
     from spnet_dist.models.output import ModelOutput
 
-__all__ = ["BoostNet", "list_image_files", "heldout_indices", "train_exclusions"]
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm", ".pbm", ".jp2"}
+__all__ = ["BoostNet", "heldout_indices", "heldout_size"]
 
 
 # ---------------------------------------------------------------------------------------------- held-out split
-def list_image_files(root: str | os.PathLike) -> list[str]:
-    """Sorted ``<class>/<file>`` paths of the images under an ImageNet-layout split folder."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"training folder {str(root)!r} not found (needed for BoostNet's held-out split)")
-    return sorted(f"{c.name}/{f.name}" for c in root.iterdir() if c.is_dir()
-                  for f in c.iterdir() if f.suffix.lower() in IMAGE_EXTS)
-
-
 def heldout_size(spec: float | int, n_train: int) -> int:
     """``spec`` < 1: a fraction of the training set; ≥ 1: a count. Must leave at least one training image."""
     k = round(float(spec) * n_train) if float(spec) < 1 else int(spec)
@@ -74,26 +59,6 @@ def heldout_indices(n_train: int, size: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(n_train, generator=g)
     return perm[n_train - size:].sort().values if size else torch.zeros(0, dtype=torch.long)
-
-
-def train_exclusions(method_cfg: Mapping, train_root: str | os.PathLike) -> list[str]:
-    """``<class>/<file>`` paths of the held-out split that the training loader should skip (same split as the
-    method computes; hook for the trainer's loader)."""
-    files = list_image_files(train_root)
-    k = heldout_size(cfg_get(method_cfg, "heldout", 0.039), len(files))
-    return [files[i] for i in heldout_indices(len(files), k, int(cfg_get(method_cfg, "heldout_seed", 0))).tolist()]
-
-
-def _symlink_tree(train_root: Path, files: list[str]) -> Path:
-    """A temporary ImageNet-layout folder with every class folder of ``train_root`` (so DALI keeps the label
-    numbering) and symlinks to ``files``."""
-    tmp = Path(tempfile.mkdtemp(prefix="spnet-heldout-"))
-    for c in train_root.iterdir():
-        if c.is_dir():
-            (tmp / c.name).mkdir()
-    for f in files:
-        os.symlink((train_root / f).resolve(), tmp / f)
-    return tmp
 
 
 def _gather_cat(t: Tensor, dim: int) -> Tensor:
@@ -142,7 +107,7 @@ class BoostNet(Method):
         self.heldout_seed = int(cfg_get(c, "heldout_seed", 0))
         self.heldout: dict[str, Any] | None = None  # {"indices", "n_train", "seed"} once known
         self.heldout_loader: Iterable | None = None  # programmatic override (tests); else built from the val loader
-        self.heldout_trained_on = True  # until the trainer excludes the split via train_exclusions()
+        self.heldout_trained_on = True  # until the trainer leaves the split out (train_exclusions)
 
     # ------------------------------------------------------------------ objective
     def _loss(
@@ -161,49 +126,43 @@ class BoostNet(Method):
         return total, logs
 
     # ------------------------------------------------------------------ held-out split (method state)
-    def ensure_split(self, train_root: str | os.PathLike) -> list[str]:
-        """The held-out files (computed once, then taken from the method state; checked against the folder)."""
-        files = list_image_files(train_root)
+    def ensure_split(self, train_files: Sequence[str]) -> list[str]:
+        """The held-out files among ``train_files`` (the usable ``<class>/<file>`` training files; drawn once from
+        their sorted list, then taken from the method state and checked against the list's length)."""
+        files = sorted(train_files)
         if self.heldout is None:
             k = heldout_size(self.heldout_spec, len(files))
             self.heldout = {"indices": heldout_indices(len(files), k, self.heldout_seed), "n_train": len(files),
                             "seed": self.heldout_seed}
         elif self.heldout["n_train"] != len(files):
             raise ValueError(f"the method state's held-out split was drawn from {self.heldout['n_train']} training "
-                             f"images, {train_root} has {len(files)}")
+                             f"images, the training split has {len(files)}")
         return [files[i] for i in self.heldout["indices"].tolist()]
 
-    def train_exclusions(self, train_root: str | os.PathLike) -> list[str]:
-        """Trainer hook (to be wired into the training loader): the ``<class>/<file>`` paths of the held-out split,
-        which the training loader must skip. Calling it records that the split is not trained on."""
-        files = self.ensure_split(train_root)
+    def train_exclusions(self, train_files: Sequence[str]) -> list[str]:
+        """The held-out split, which the training loader leaves out. Calling it records that the split is not
+        trained on."""
+        files = self.ensure_split(train_files)
         self.heldout_trained_on = False
         return files
 
     def _heldout_stats(self, net: torch.nn.Module, loader: Any) -> tuple[Tensor, Tensor] | None:
+        """Per-exit confidence and correctness on the held-out split, read through ``loader.subset``; None when the
+        loader is no ``data.loader.Loader`` (a plain iterable: calibrate on val) or the split is empty."""
         if self.heldout_loader is not None:
             return self._collect(net, self.heldout_loader)
-        spec = getattr(loader, "spec", None)
-        if spec is None:
-            return None
-        from spnet_dist.data.dali import DaliLoader, LoaderSpec
+        from spnet_dist.data.loader import Loader
 
-        train_root = Path(spec.root).parent / "train"
-        files = self.ensure_split(train_root)
+        if not isinstance(loader, Loader):
+            return None
+        files = self.ensure_split(loader.plan.train.files)
         if not files:
             return None
-        tmp = _symlink_tree(train_root, files)
+        held = loader.subset(files, "train")
         try:
-            held = DaliLoader(LoaderSpec(root=str(tmp), batch_size=spec.batch_size, shard_id=spec.shard_id,
-                                         num_shards=spec.num_shards, train=False, crop=spec.crop,
-                                         val_resize=spec.val_resize, num_threads=spec.num_threads, seed=spec.seed,
-                                         decode=spec.decode, layout=spec.layout))
-            try:
-                return self._collect(net, held)
-            finally:
-                held.release()
+            return self._collect(net, held)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            held.release()
 
     # ------------------------------------------------------------------ evaluation
     def _collect(self, net: torch.nn.Module, loader: Iterable) -> tuple[Tensor, Tensor]:

@@ -55,6 +55,10 @@ class SPNet(GatedMethod):
 
     name = "spnet"
     default_rate_loss = "one_sided"
+    config_choices = {**GatedMethod.config_choices, "method.evo_form": ("consecutive", "official"),
+                      "method.teacher_mode": ("train", "eval"), "method.teacher_buffers": ("copy", "ema", "own"),
+                      "method.teacher_precision": ("fp32", "bf16")}
+    config_ranges = {**GatedMethod.config_ranges, "method.ema_momentum": (0, 1, True)}
 
     def __init__(self, cfg: Mapping, model: torch.nn.Module) -> None:
         super().__init__(cfg, model)

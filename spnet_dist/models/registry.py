@@ -12,7 +12,12 @@ from .routers import ROUTERS
 
 MODEL_KEYS = ("name", "block", "layers", "widths", "stem", "stem_width", "variant", "num_classes",
               "image_size", "pretrained")
-METHOD_KEYS = ("router", "multi_stage_heads", "gate_mask", "arch", "grad_rescale")  # method keys read here
+# config keys read here with a fixed set of values / a numeric range (low, high, low inclusive), checked before a
+# run, by the pre-flight (spnet_dist.preflight; method.router.type: the model builds the routers)
+CONFIG_CHOICES: dict[str, tuple] = {"model.block": tuple(BLOCKS), "model.stem": STEMS, "model.variant": VARIANTS,
+                                    "method.router.type": (*ROUTERS, "none")}
+CONFIG_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "model.num_classes": (1, None, True), "model.image_size": (1, None, True), "model.stem_width": (1, None, True)}
 
 # Network classes selected by the method config's ``arch`` key (default ``dynamic_resnet``). A class may define
 # ``arch_kwargs(method_cfg) -> dict`` for extra constructor arguments taken from the method config.

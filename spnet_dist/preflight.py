@@ -1,0 +1,100 @@
+"""The pre-flight of a start: everything ``spnet train`` must know before any work, checked once.
+
+``preflight(cfg)`` = the static checks (``check_static``: the config checks of ``compose`` plus the choices and
+ranges declared by what reads each key — ``data.options``, ``models.registry``, the method class of
+``method.name``, and the run's own keys in ``config.checks``), required values (``???``), this machine (a GPU
+for ``data.decode=mixed``, cores for ``trainer.nprocs``) and the data plan (``data.preflight.plan_data``:
+layout, train/val classes, undecodable files per ``data.scan``/``data.on_corrupt``, ``model.num_classes``,
+batch size vs. dataset). It returns the ``DataPlan`` the trainer and its loaders use, or raises one ConfigError /
+ValueError. ``spnet submit`` runs the machine-independent part on the login node.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+
+from .config import ConfigError, compose, redact, scrub
+from .config.checks import RUN_CHOICES, RUN_RANGES, Range, check_config, check_required, check_values
+from .config.schema import walk_leaves
+from .data.options import CONFIG_CHOICES as DATA_CHOICES, CONFIG_RANGES as DATA_RANGES
+from .data.preflight import DataPlan, plan_data
+from .osutil import usable_cores
+
+
+def rules(method_name: Any = None) -> tuple[dict[str, tuple], dict[str, Range]]:
+    """(choices, ranges) by key, in checking order: data, run, model, method (of the method ``method_name``;
+    ``method.name`` itself from the method registry)."""
+    from .methods import METHODS
+    from .models.registry import CONFIG_CHOICES as MODEL_CHOICES, CONFIG_RANGES as MODEL_RANGES
+
+    choices = {**DATA_CHOICES, **RUN_CHOICES, **MODEL_CHOICES, "method.name": tuple(METHODS)}
+    ranges = {**RUN_RANGES, **DATA_RANGES, **MODEL_RANGES}
+    method = METHODS.get(method_name) if isinstance(method_name, str) else None
+    if method is not None:
+        choices.update(method.config_choices)
+        ranges.update(method.config_ranges)
+    return choices, ranges
+
+
+def check_static(cfg: Any) -> None:
+    """Everything that holds on any machine: the config checks and every declared choice and range."""
+    check_config(cfg)
+    leaves = dict(walk_leaves(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
+    check_values(leaves, *rules(leaves.get("method.name")))
+
+
+def job_yaml(overrides: Sequence[str]) -> str:
+    """The text ``spnet train --cfg job`` prints: the composed, statically checked, resolved config with secrets
+    masked."""
+    cfg = compose(overrides)
+    try:
+        check_static(cfg)
+    except ConfigError as err:
+        raise ConfigError(scrub(str(err), overrides)) from None
+    return OmegaConf.to_yaml(OmegaConf.create(redact(cfg)))
+
+
+def launched() -> bool:
+    """True under a launcher (torchrun, a SLURM task, env vars set by hand): it decides the ranks."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_machine(cfg: Any) -> None:
+    """This machine can run ``cfg``: a CUDA GPU for ``data.decode=mixed``; ``trainer.nprocs`` local ranks (unless
+    a launcher decides the ranks) within the usable CPU cores."""
+    if str(cfg.data.decode) == "mixed":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("data.decode=mixed needs a CUDA GPU, but this machine has none; choose one of auto, "
+                              "cpu (auto picks mixed on a GPU, cpu otherwise)")
+    nprocs, cores = int(cfg.trainer.nprocs), usable_cores()
+    if not launched() and nprocs > cores:
+        raise ConfigError(f"trainer.nprocs={nprocs} is more than the {cores} CPU cores available here; choose "
+                          f"trainer.nprocs between 1 and {cores}")
+
+
+def plan_checked(cfg: Any, world: int, scan: str | None = None) -> DataPlan:
+    """``plan_data`` with the keys that do not fit the data (``model.num_classes``, ``trainer.batch_size``) as a
+    ConfigError; a broken dataset stays a DataError / FileNotFoundError."""
+    try:
+        return plan_data(cfg, world, scan=scan)
+    except ValueError as err:
+        if str(err).startswith(("model.num_classes=", "trainer.batch_size=")):
+            raise ConfigError(str(err)) from None
+        raise
+
+
+def preflight(cfg: Any, world: int | None = None, data: bool = True) -> DataPlan | None:
+    """All checks of a start (see the module docstring) for ``world`` ranks (default: the launcher's
+    WORLD_SIZE, else ``trainer.nprocs``); the data plan, or None without ``data``."""
+    check_static(cfg)
+    check_required(cfg)
+    check_machine(cfg)
+    if not data:
+        return None
+    if world is None:
+        world = int(os.environ["WORLD_SIZE"]) if launched() else int(cfg.trainer.nprocs)
+    return plan_checked(cfg, world)
