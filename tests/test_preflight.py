@@ -1,7 +1,8 @@
 """A start runs each data check once: the pre-flight lists each split once (through its cached index: a warm start
 lists only the class folders, no image folder), and the loaders — held-out subsets included — read the plan's file
 lists without listing anything again. Counted by wrapping the listing functions and ``os.scandir`` / ``os.listdir``,
-in-process for the pre-flight + one rank's loaders, and in a real `spnet train` process."""
+in-process for the pre-flight + one rank's loaders, and in a real `spnet train` process. Also: a loader follows the
+``Loader`` protocol and continues mid-epoch from its ``state_dict``."""
 from __future__ import annotations
 
 import json
@@ -127,3 +128,22 @@ def test_a_real_spnet_train_start_lists_each_split_once(data, tmp_path):
     result = json.loads(out.read_text())
     assert result["rc"] == 0
     assert Counter(result["calls"]) == expected(TINY_CLASSES, cold=True)
+
+
+def test_loaders_follow_the_protocol_and_resume_mid_epoch_from_their_state(data):
+    from spnet_dist.data.loader import Loader, build_loader
+
+    cfg = compose([f"data.root={data}", f"model.num_classes={TINY_CLASSES}", "trainer.batch_size=8",
+                   "data.image_size=32", "data.val_resize=36", "data.decode=cpu"])
+    plan = preflight(cfg, world=1)
+    first = build_loader(cfg, plan, train=True, shard_id=0, num_shards=1, with_source_info=True)
+    assert isinstance(first, Loader) and len(first) == TINY_CLASSES * 16 // 8
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    rest = [names for _, _, names in it]
+    second = build_loader(cfg, plan, train=True, shard_id=0, num_shards=1, with_source_info=True)
+    second.load_state_dict(state)
+    assert [names for _, _, names in second] == rest  # the same files in the same order
+    for loader in (first, second):
+        loader.release()
