@@ -43,6 +43,14 @@ def check_static(cfg: Any) -> None:
     check_config(cfg)
     leaves = dict(walk_leaves(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
     check_values(leaves, *rules(leaves.get("method.name")))
+    layers, widths = leaves.get("model.layers"), leaves.get("model.widths")
+    if isinstance(layers, list) and isinstance(widths, list):
+        from .models.dynamic_resnet import check_stages
+
+        try:
+            check_stages(layers, widths)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def job_yaml(overrides: Sequence[str]) -> str:

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "spnet_dist"
 # low -> high; a module may import its own package and anything in a lower layer
 LAYERS = [
-    {"errors", "distributed", "osutil"},
+    {"errors", "distributed", "osutil", "cfgtools"},
     {"config"},
     {"models", "data"},
     {"evaluation"},

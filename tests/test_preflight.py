@@ -105,7 +105,7 @@ def test_preflight_and_one_ranks_loaders_list_each_split_once(data, counted):
         counted.clear()
         plan = preflight(cfg, world=1)
         method = SimpleNamespace(train_exclusions=lambda files, k=held_out: sorted(files)[:k])  # BoostNet's hook
-        train_loader, val_loader = build_loaders(cfg, method, None, plan)
+        train_loader, val_loader, _ = build_loaders(cfg, method, plan)
         held = val_loader.subset(sorted(plan.train.files)[:4], "train")  # BoostNet's held-out split at evaluation
         assert sum(len(labels) for _, labels in held) == 4
         assert counted == expected(TINY_CLASSES, cold=start == "cold"), start

@@ -5,13 +5,25 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY_CLASSES, last_json, run_spnet, tiny_train_args
+from conftest import TINY_CLASSES, TINY_MODEL, last_json, run_spnet, tiny_train_args
 
 from spnet_dist.config import compose
 from spnet_dist.data.loader import build_loader
 from spnet_dist.data.preflight import plan_data
 
 SUMMARY_KEYS = {"top1", "macs_per_image", "exec_rate", "checkpoint", "mlflow_run_id", "steps"}
+
+
+def expected_macs(block_rates: list[float]) -> float:
+    """MACs per image of the tiny model (ConvNet-AIG gates, 32 px) whose blocks ran for these fractions of the
+    validation images: hard gates make the count linear in them."""
+    import torch
+
+    from spnet_dist.models import build_model, cost_table, macs_per_image
+
+    model = build_model({**TINY_MODEL, "num_classes": TINY_CLASSES}, {"router": {"type": "aig", "hidden": 16}})
+    table = cost_table(model, 32)
+    return float(macs_per_image(table, torch.tensor([block_rates], dtype=torch.float64)))
 
 
 def _runs(db: Path, experiment: str = "spnet"):
@@ -27,7 +39,8 @@ def test_one_rank_trains_checkpoints_logs_and_evaluates(tiny_data, tmp_path):
     steps_per_epoch = TINY_CLASSES * 16 // 8
     assert summary["steps"] == 2 * steps_per_epoch
     assert summary["val_images"] == TINY_CLASSES * 5
-    assert 0.0 <= summary["top1"] <= 1.0 and summary["macs_per_image"] > 0
+    assert summary["top1"] * summary["val_images"] == pytest.approx(round(summary["top1"] * summary["val_images"]))
+    assert summary["macs_per_image"] == pytest.approx(expected_macs(summary["block_rates"]), rel=1e-6)
 
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / "mp_rank_00_model_states.pt").is_file() and (ckpt / "spnet_complete.json").is_file()

@@ -63,22 +63,15 @@ def worker(args: argparse.Namespace) -> None:
     from spnet_dist.config import compose
     from spnet_dist.data.loader import build_loader
     from spnet_dist.data.preflight import plan_data
-    from spnet_dist.engine.malloc import keep_freed_memory
     from spnet_dist.engine.rng import seed_all
-    from spnet_dist.engine.setup import build_optimizer, deepspeed_config, init_distributed
-    from spnet_dist.methods import build_method, prepare_method_cfg
-    from spnet_dist.models import build_model
+    from spnet_dist.engine.setup import build_optimizer, deepspeed_config, setup_process
+    from spnet_dist.methods import build_method
+    from spnet_dist.methods.build import build_from_config
 
     cfg = compose(overrides(args))
-    init_distributed()
-    if not torch.cuda.is_available() and cfg.trainer.cpu_malloc_tuning:
-        keep_freed_memory()
-    rank, world = D.rank(), D.world_size()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(cfg.trainer.threads or max(1, (os.cpu_count() or 1) // local_world))
+    rank, world = setup_process(cfg)  # the trainer's: process group, threads, CPU malloc tuning
     seed_all(cfg.seed)
-    method_cfg = prepare_method_cfg(cfg.method, cfg.model)
-    model = build_model(cfg.model, method_cfg)
+    model, method_cfg = build_from_config(cfg.model, cfg.method)
     opt = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world))
     method = build_method(method_cfg, engine.module)

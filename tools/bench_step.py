@@ -79,8 +79,8 @@ class Variant:
 
     def __init__(self, spec: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> None:
         from spnet_dist.engine.setup import build_optimizer, deepspeed_config
-        from spnet_dist.methods import build_method, prepare_method_cfg
-        from spnet_dist.models import build_model
+        from spnet_dist.methods import build_method
+        from spnet_dist.methods.build import build_from_config
 
         base, _, opts = spec.partition(":")
         self.options = set(filter(None, opts.split("+")))
@@ -91,8 +91,8 @@ class Variant:
         self.name, self.base = spec, base
         self.loop = None
         torch.manual_seed(0)
-        mcfg = prepare_method_cfg(method_cfg(base, self.options), args.model)
-        model = build_model({"name": args.model, "image_size": args.image_size}, mcfg)
+        model, mcfg = build_from_config({"name": args.model, "image_size": args.image_size},
+                                        method_cfg(base, self.options))
         self.memory_format = torch.channels_last if "cl" in self.options else torch.contiguous_format
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # channels_last on the input only: DeepSpeed cannot broadcast/flatten channels_last parameters, and

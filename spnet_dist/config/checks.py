@@ -29,7 +29,7 @@ RUN_RANGES: dict[str, Range] = {
     "optim.lr": (0, None, True), "optim.momentum": (0, 1, True), "optim.weight_decay": (0, None, True),
     "optim.gamma": (0, None, False), "optim.warmup_epochs": (0, None, True),
     "checkpoint.every_steps": (0, None, True), "checkpoint.keep_last": (1, None, True),
-    "eval.every_epochs": (1, None, True),
+    "eval.every_epochs": (1, None, True), "eval.precise_bn_batches": (0, None, True),
 }
 _NOUN = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
          "list": "a list, e.g. [1, 2]", "dict": "a mapping"}
@@ -147,10 +147,6 @@ def _check_combinations(leaves: dict[str, Any]) -> None:
             raise ConfigError(f"data.val_resize={leaves['data.val_resize']} is smaller than data.image_size="
                               f"{leaves['data.image_size']}: the val center crop would not fit; use data.val_resize"
                               f">={leaves['data.image_size']} (ImageNet: 256 for 224)")
-    layers, widths = leaves.get("model.layers"), leaves.get("model.widths")
-    if isinstance(layers, list) and isinstance(widths, list) and len(layers) != len(widths):
-        raise ConfigError(f"model.layers={layers} and model.widths={widths} must have the same length (one entry "
-                          f"per stage)")
     for path in ("model.layers", "model.widths", "optim.milestones"):
         v = leaves.get(path)
         if isinstance(v, list) and any(_num(x) and x < (0 if path == "optim.milestones" else 1) for x in v):

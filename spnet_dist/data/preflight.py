@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cfgtools import cfg_get
 from . import files as listing
 from .files import SPLITS, name_list
 from .index import index_path, split_index
@@ -57,11 +58,6 @@ class DataPlan:
 def shard_sizes(n: int, world: int) -> tuple[int, ...]:
     """Images per shard when ``n`` files are split over ``world`` shards (rank i reads [n*i//world, n*(i+1)//world))."""
     return tuple(n * (i + 1) // world - n * i // world for i in range(world))
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    value = cfg.get(key, default)
-    return default if value is None else value
 
 
 def _layout_error(root: Path, d: Path) -> FileNotFoundError:
@@ -124,8 +120,8 @@ def plan_data(cfg: Any, world: int, for_training: bool = True, scan: str | None 
     docstring). ``for_training=False`` (evaluation) skips the batch-size check; ``scan`` overrides ``data.scan``
     (``off``: only list, open no file — `spnet submit` on a login node)."""
     root = Path(str(cfg.data.root))
-    scan = str(scan or _get(cfg.data, "scan", "quick"))
-    on_corrupt = str(_get(cfg.data, "on_corrupt", "skip"))
+    scan = str(scan or cfg_get(cfg.data, "scan", "quick"))
+    on_corrupt = str(cfg_get(cfg.data, "on_corrupt", "skip"))
     if scan not in SCAN_CHOICES:
         raise DataError(f"data.scan={scan!r} is not valid; choose one of {', '.join(SCAN_CHOICES)}")
     if on_corrupt not in ON_CORRUPT_CHOICES:

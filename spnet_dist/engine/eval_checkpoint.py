@@ -41,7 +41,6 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     from ..methods import build_method
     from ..methods.build import build_from_config
     from ..models import cost_table
-    from ..evaluation.metrics import evaluate
 
     rest = [o for o in overrides if not o.startswith("checkpoint=")]
     paths = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
@@ -55,10 +54,9 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     model.load_state_dict(state["module"])
     method = build_method(method_cfg, model)
     method.load_state_dict(state[CLIENT_KEY]["method"])
-    run_eval = getattr(method, "evaluate", None) or evaluate  # e.g. BoostNet's anytime / budgeted evaluation
     plan = plan_data(cfg, world=1, for_training=False)  # the data checks, once; the loader reads its file lists
     loader = build_loader(cfg, plan, train=False, shard_id=0, num_shards=1)
-    metrics = run_eval(method.eval_model(model), loader, cost_table(model, cfg.data.image_size), cfg.eval.execution)
+    metrics = method.evaluate(method.eval_model(model), loader, cost_table(model, cfg.data.image_size), cfg.eval.execution)
     progress = state[CLIENT_KEY]["progress"]
     return {**metrics, "checkpoint": str(find_model_file(paths[0]).parent), "steps": progress["step"],
             "mlflow_run_id": progress["run_id"], "method": str(cfg.method.name),

@@ -130,7 +130,7 @@ class Checkpointing(Hook):
         D.average_buffers(loop.engine.module)  # one set of BN statistics, whichever rank's file is read
         state = {"progress": asdict(loop.progress), "method": loop.method.state_dict(),
                  "hooks": loop.hook_states(), "rng": D.gather_objects(rng_state()),
-                 "data": D.gather_objects(loop.train_loader.state_dict()["dali"]), "config": to_container(loop.cfg)}
+                 "data": D.gather_objects(loop.train_loader.state_dict()), "config": to_container(loop.cfg)}
         loop.last_ckpt = self.ckpt.save(loop.engine, loop.progress.step, state)
         loop.fire("after_save", loop.last_ckpt)
         return loop.last_ckpt

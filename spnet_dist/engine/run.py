@@ -40,10 +40,10 @@ def train_from_overrides(overrides: Sequence[str], hooks: Sequence[Hook] = ()) -
         return train(cfg, hooks, plan=plan)
     if hooks:
         raise ValueError("extra training hooks need this process to be the rank (trainer.nprocs=1 or a launcher)")
-    return spawn_local(to_container(cfg), nprocs)
+    return spawn_local(to_container(cfg), nprocs, plan)
 
 
-def _rank_main(local_rank: int, cfg_dict: dict, world: int, port: int, result_path: str) -> None:
+def _rank_main(local_rank: int, cfg_dict: dict, world: int, port: int, result_path: str, plan: Any) -> None:
     """Entry of one locally spawned rank."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -53,7 +53,7 @@ def _rank_main(local_rank: int, cfg_dict: dict, world: int, port: int, result_pa
     from .trainer import train
 
     try:
-        summary = train(OmegaConf.create(cfg_dict))
+        summary = train(OmegaConf.create(cfg_dict), plan=plan)
     except USER_ERRORS as err:  # handed to the parent, which prints it as one line
         (Path(result_path).parent / f"error.rank{local_rank}").write_text(str(err))
         sys.exit(2)
@@ -61,8 +61,9 @@ def _rank_main(local_rank: int, cfg_dict: dict, world: int, port: int, result_pa
         Path(result_path).write_text(json.dumps(summary))
 
 
-def spawn_local(cfg_dict: dict, nprocs: int) -> dict[str, Any]:
-    """Start ``nprocs`` ranks on this machine; SIGTERM/SIGUSR2 to this process are forwarded to every rank."""
+def spawn_local(cfg_dict: dict, nprocs: int, plan: Any = None) -> dict[str, Any]:
+    """Start ``nprocs`` ranks on this machine with the parent's data ``plan``; SIGTERM/SIGUSR2 to this process
+    are forwarded to every rank."""
     import signal
 
     import torch.multiprocessing as mp
@@ -71,7 +72,7 @@ def spawn_local(cfg_dict: dict, nprocs: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "summary.json"
-        ctx = mp.start_processes(_rank_main, args=(cfg_dict, nprocs, free_port(), str(result)), nprocs=nprocs,
+        ctx = mp.start_processes(_rank_main, args=(cfg_dict, nprocs, free_port(), str(result), plan), nprocs=nprocs,
                                  join=False, start_method="spawn")
 
         def forward(signum: int, _frame: Any) -> None:

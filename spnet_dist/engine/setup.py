@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .. import distributed as D
+from ..osutil import usable_cores
 from . import preempt
 from .malloc import keep_freed_memory
 
@@ -85,7 +86,7 @@ def setup_process(cfg: Any) -> tuple[int, int]:
     init_distributed()
     rank, world = D.rank(), D.world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(cfg.trainer.threads or max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_num_threads(cfg.trainer.threads or max(1, usable_cores() // local_world))
     # GPU path (CUDA only; CPU runs keep their exact, bitwise-resumable behaviour): cuDNN autotuning
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True

@@ -58,33 +58,31 @@ def restore(cfg: Any, engine: Any, method: Any, found: tuple[Path, str],
     return prog, client
 
 
-def build_loaders(cfg: Any, method: Any, dali_state: Any, plan: Any = None) -> tuple[Any, Any]:
-    """This rank's training loader (restored to ``dali_state`` when given; without the method's held-out images)
-    and validation loader, reading the files of ``plan`` (the start's pre-flight ``DataPlan``; made here, once,
-    when not given)."""
+def build_loaders(cfg: Any, method: Any, plan: Any, state: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
+    """This rank's training loader (restored to the loader ``state`` when given; without the method's held-out
+    images), validation loader, and the training file list, all read from ``plan`` (the start's ``DataPlan``)."""
     from ..data.loader import build_loader
-    from ..data.preflight import plan_data
 
     rank, world = D.rank(), D.world_size()
-    plan = plan if plan is not None else plan_data(cfg, world)
     held_out = set(method.train_exclusions(plan.train.files))
     files = [f for f in plan.train.files if f not in held_out] if held_out else None
-    train_loader = build_loader(cfg, plan, train=True, shard_id=rank, num_shards=world,
-                                state={"dali": dali_state} if dali_state is not None else None, files=files)
+    train_loader = build_loader(cfg, plan, train=True, shard_id=rank, num_shards=world, state=state, files=files)
     if len(train_loader) == 0:
         raise ValueError(f"trainer.batch_size={cfg.trainer.batch_size} x {world} ranks is larger than the "
                          f"training shard ({train_loader.shard_size} images); use a smaller batch size")
-    return train_loader, build_loader(cfg, plan, train=False, shard_id=rank, num_shards=world)
+    return train_loader, build_loader(cfg, plan, train=False, shard_id=rank, num_shards=world), files
 
 
-def fresh_train_pass(cfg: Any, method: Any) -> Any:
-    """``seed -> loader``: a new pass over this rank's training shard (for PreciseBN), independent of the training
+def fresh_train_pass(cfg: Any, plan: Any, files: Any) -> Any:
+    """``seed -> loader``: a new pass over this rank's training files (for PreciseBN), independent of the training
     loader's position."""
     from omegaconf import OmegaConf
 
+    from ..data.loader import build_loader
+
     def make(seed: int) -> Any:
         seeded = OmegaConf.merge(cfg, {"seed": int(seed)})
-        return build_loaders(seeded, method, None)[0]
+        return build_loader(seeded, plan, train=True, shard_id=D.rank(), num_shards=D.world_size(), files=files)
 
     return make
 
@@ -95,17 +93,19 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
     (rank 0's is printed by the CLI)."""
     import deepspeed
 
-    from ..methods import build_method, prepare_method_cfg
-    from ..models import build_model, cost_table
-    from ..tracking.mlflow_tracker import Tracker
+    from ..data.preflight import plan_data
+    from ..methods import build_method
+    from ..methods.build import build_from_config
+    from ..models import cost_table
+    from ..tracking.tracker import Tracker
     from .hooks import standard_hooks
 
     rank, world = setup_process(cfg)
     seed_all(cfg.seed)
     found, same_world = resume_point(cfg, world)  # decided before the loaders: their state is per rank
 
-    method_cfg = prepare_method_cfg(cfg.method, cfg.model)
-    model = build_model(cfg.model, method_cfg)
+    plan = plan if plan is not None else plan_data(cfg, world)
+    model, method_cfg = build_from_config(cfg.model, cfg.method)
     optimizer = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
     method = build_method(method_cfg, engine.module)
@@ -117,12 +117,13 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
     seed_all(cfg.seed + 1000 * rank)  # per-rank Gumbel / dropout streams
 
     prog, client = restore(cfg, engine, method, found, same_world) if found else (Progress(), None)
-    train_loader, val_loader = build_loaders(cfg, method, client["data"][rank] if client and same_world else None,
-                                             plan)
+    state = client["data"][rank] if client and same_world else None
+    state = {"dali": state} if isinstance(state, str) else state  # checkpoints before the loader protocol
+    train_loader, val_loader, train_files = build_loaders(cfg, method, plan, state)
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
     loop = TrainLoop(cfg, engine, method, table, train_loader, val_loader, prog,
                      Tracker.from_config(cfg, enabled=rank == 0), [*standard_hooks(cfg, optimizer, ckpt), *hooks],
-                     last_ckpt=found[0] / found[1] if found else None, train_batches=fresh_train_pass(cfg, method))
+                     last_ckpt=found[0] / found[1] if found else None, train_batches=fresh_train_pass(cfg, plan, train_files))
     loop.load_hook_states(client.get("hooks") if client else None)
     loop.run()
     return loop.summary()

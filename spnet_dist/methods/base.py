@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from spnet_dist.cfgtools import cfg_get, to_plain
 from spnet_dist.distributed import global_mean
 
 from .losses import rate_loss
@@ -47,28 +48,6 @@ __all__ = [
     "cfg_get",
     "to_plain",
 ]
-
-
-def cfg_get(cfg: Mapping, key: str, default: Any = None) -> Any:
-    """``cfg[key]`` for dicts and OmegaConf ``DictConfig`` alike; ``default`` when missing or ``None``."""
-    value = cfg.get(key, None) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
-    return default if value is None else value
-
-
-def to_plain(obj: Any) -> Any:
-    """Recursively turn an OmegaConf container (or any Mapping / Sequence) into plain dicts / lists."""
-    try:  # omegaconf is optional for this package
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Mapping):
-        return {k: to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    return obj
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -25,6 +25,13 @@ NUM_OPTIONS = 2  # skip / execute; index 1 = execute
 ROUTER_ATTR, AUX_ATTR = "router", "aux"
 
 
+def check_stages(layers: Any, widths: Any) -> None:
+    """One entry per stage in ``model.layers`` and ``model.widths`` (the one home of this check)."""
+    if len(layers) != len(widths) or not len(layers):
+        raise ValueError(f"model.layers={list(layers)} and model.widths={list(widths)} must have the same length "
+                         f"(one entry per stage)")
+
+
 class DynamicResNet(nn.Module):
     """ResNet whose residual blocks are executed per image according to learned gates.
 
@@ -46,8 +53,7 @@ class DynamicResNet(nn.Module):
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; valid: {sorted(BLOCKS)}")
-        if len(layers) != len(widths):
-            raise ValueError(f"layers {list(layers)} and widths {list(widths)} must have the same length")
+        check_stages(layers, widths)
         self.name, self.variant, self.image_size, self.num_classes = name, variant, image_size, num_classes
         for k, m in stem_modules(stem, stem_width).items():
             setattr(self, k, m)

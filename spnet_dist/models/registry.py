@@ -4,9 +4,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..cfgtools import to_plain
 from .backbone import BLOCKS, STEMS, VARIANTS, load_torchvision_state_dict
 from .boostnet import EarlyExitResNet
-from .dynamic_resnet import DynamicResNet
+from .dynamic_resnet import DynamicResNet, check_stages
 from .rdinet import RDIResNet
 from .routers import ROUTERS
 
@@ -49,15 +50,6 @@ register_model("resnet32_cifar", layers=[5, 5, 5], **_CIFAR)
 register_model("resnet110_cifar", layers=[18, 18, 18], **_CIFAR)
 
 
-def to_plain(obj: Any) -> Any:
-    """OmegaConf DictConfig/ListConfig (or any Mapping/Sequence) → plain dict/list, recursively."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
-        return [to_plain(v) for v in obj]
-    return obj
-
-
 def _check_choice(key: str, value: Any, valid: Sequence[str]) -> None:
     if value not in valid:
         raise ValueError(f"model.{key}={value!r} is not valid; choose one of {list(valid)}")
@@ -78,9 +70,7 @@ def resolve_model_cfg(model_cfg: Mapping[str, Any] | str) -> dict[str, Any]:
     _check_choice("block", cfg["block"], sorted(BLOCKS))
     _check_choice("stem", cfg["stem"], STEMS)
     _check_choice("variant", cfg["variant"], VARIANTS)
-    if len(cfg["layers"]) != len(cfg["widths"]) or not cfg["layers"]:
-        raise ValueError(f"model.layers {cfg['layers']} and model.widths {cfg['widths']} must be non-empty "
-                         "lists of the same length")
+    check_stages(cfg["layers"], cfg["widths"])
     for k in ("stem_width", "num_classes", "image_size"):
         if not isinstance(cfg[k], int) or cfg[k] <= 0:
             raise ValueError(f"model.{k} must be a positive int, got {cfg[k]!r}")
