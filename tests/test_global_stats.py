@@ -56,7 +56,7 @@ def _worker(rank: int, port: int, queue) -> None:
 
 
 def test_two_ranks_match_one_rank_on_the_global_batch():
-    from spnet_dist.commands.train import free_port
+    from spnet_dist.engine.run import free_port
 
     model, method, gates = _setup()
     loss1, rates1, grad1, teacher1 = _step(model, method, gates)

@@ -164,7 +164,7 @@ def sys_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from spnet_dist.commands.train import free_port
+    from spnet_dist.engine.run import free_port
 
     ensure_data(Path(args.data), args.per_class)
     la_start = bc.wait_for_quiet(args.wait_quiet, args.quiet_load) if args.wait_quiet else bc.load_avg()
