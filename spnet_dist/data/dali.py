@@ -27,25 +27,13 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ..osutil import write_atomic
-from .index import cache_dir, record_bad_file
-from .options import DECODE_CHOICES
+from .index import CorruptDataError, cache_dir, record_bad_file
+from .options import MEAN, STD, resolve_decode
+
+__all__ = ["CorruptDataError", "DaliLoader", "LoaderSpec", "MEAN", "STD", "build", "resolve_decode", "write_file_list"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .preflight import DataPlan
-
-MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
-
-
-def resolve_decode(decode: str) -> str:
-    """'auto' -> 'mixed' when CUDA is available, else 'cpu'. 'mixed' without a GPU is an error."""
-    if decode == "auto":
-        return "mixed" if torch.cuda.is_available() else "cpu"
-    if decode == "mixed" and not torch.cuda.is_available():
-        raise ValueError("data.decode=mixed needs a CUDA GPU, but none is available; use data.decode=cpu or auto")
-    if decode not in DECODE_CHOICES:
-        raise ValueError(f"data.decode={decode!r} is not valid; choose one of {', '.join(DECODE_CHOICES)}")
-    return decode
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -87,10 +75,6 @@ class LoaderSpec:
     with_source_info: bool = False
     file_list: str | None = None  # DALI file_list ("<class>/<file> <label>" lines, relative to root); None: all
     on_corrupt: str = "fail"      # what a file DALI cannot decode means: fail | skip (recorded for the next run)
-
-
-class CorruptDataError(ValueError):
-    """DALI could not read or decode an image; the message names the file and what to do."""
 
 
 _FILE_PATTERNS = (re.compile(r"Failed to decode sample #\d+\s*:\s*(.+?)\s*$", re.M),

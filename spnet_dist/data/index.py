@@ -170,6 +170,10 @@ def split_index(split_dir: str | Path, level: str = "list", refresh: bool = Fals
         return idx
 
 
+class CorruptDataError(ValueError):
+    """A loader could not read or decode an image; the message names the file and what to do."""
+
+
 def record_bad_file(split_dir: str | Path, rel: str, reason: str) -> Path | None:
     """Add a file DALI failed on at run time to the split's index, so later runs leave it out."""
     split_dir = Path(split_dir)
