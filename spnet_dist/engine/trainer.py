@@ -49,7 +49,7 @@ def restore(cfg: Any, engine: Any, method: Any, found: tuple[Path, str],
     else:  # no exact continuation possible: restart the interrupted epoch with fresh streams
         seed_all(cfg.seed + 1000 * rank + prog.step)
         if prog.batch_in_epoch and rank == 0:
-            log.warning("world size changed %d -> %d: the DALI reader position is per rank and cannot be "
+            log.warning("world size changed %d -> %d: the loader position is per rank and cannot be "
                         "carried over; epoch %d restarts at its beginning", saved_world_size(*found), world,
                         prog.epoch + 1)
         prog.batch_in_epoch = 0
