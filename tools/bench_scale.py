@@ -59,7 +59,6 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    import spnet_dist.distributed as D
     from spnet_dist.config import compose
     from spnet_dist.data.loader import build_loader
     from spnet_dist.data.preflight import plan_data

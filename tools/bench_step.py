@@ -3,7 +3,7 @@
 Usage:
     python tools/bench_step.py [--model resnet50] [--image-size 224] [--batch 8] [--threads 2] [--rounds 8]
                                [--variants static aig spnet spnet:nograd spnet:bf16teacher spnet:noteacher]
-                               [--engine deepspeed|torch] [--profile] [--wait-quiet 600]
+                               [--engine deepspeed|torch] [--compile [BACKEND]] [--profile] [--wait-quiet 600]
 
 One process, one set of model instances. Every variant runs the trainer's own step, ``TrainLoop.run_step``
 (``spnet_dist.engine.loop``: forward, method loss, finite/stop flags, backward, optimizer step), with the trainer's
@@ -31,13 +31,14 @@ the per-round ratios (of wall time, and of process CPU time: the latter is less 
 instances: student forward, EMA update, teacher forward, losses (the rest of ``method.loss`` and the step's flags),
 backward (with the gradient all-reduce when there are several ranks), optimizer step; the timers wrap the engine's
 forward, ``backward`` and ``step`` and the method's EMA / teacher calls. On a GPU every timer synchronises first.
-``--engine torch`` (a what-if without DeepSpeed) runs the same calls by hand.
+``--engine torch`` (a what-if without DeepSpeed) runs the same calls by hand. ``--compile [BACKEND]`` compiles
+every variant as ``trainer.compile=true`` does (``engine.compile()``, and the SP-Net teacher's ``compile()``;
+backend ``inductor`` by default, ``eager`` checks the tracing alone); its compile time falls in the warm-up rounds.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import sys
 import time
@@ -128,6 +129,8 @@ class Variant:
 
             self.forward, self.backward, self.opt_step = fwd, (lambda loss: loss.backward()), opt_step
         self.method = build_method(mcfg, self.module)
+        if args.compile:  # as the trainer: after build_method (a deep copy of a compiled module calls the original)
+            compile_variant(self, args.compile, args.engine)
         if args.engine == "deepspeed":
             self.loop.method = self.method
             self._time_engine()
@@ -229,6 +232,17 @@ class Variant:
         self.cpu.append(self._cpu)
 
 
+def compile_variant(v: Variant, backend: str, engine: str) -> None:
+    """``trainer.compile=true``: the engine's module (or the bare model) and an SP-Net teacher, in place."""
+    if engine == "deepspeed":
+        v.engine.compile(backend=backend)
+    else:
+        v.module.compile(backend=backend)
+    teacher = getattr(v.method, "teacher", None)
+    if isinstance(teacher, torch.nn.Module):
+        teacher.compile(backend=backend)
+
+
 def trainer_loop(engine: Any, batch: int, bf16: bool) -> Any:
     """The trainer's ``TrainLoop`` around ``engine``, without hooks, loaders or tracking: only ``run_step`` is used
     (the method is set once it exists)."""
@@ -268,7 +282,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     by_name = {v.name: v for v in variants}
     la_start = bc.wait_for_quiet(args.wait_quiet, args.quiet_load) if args.wait_quiet else bc.load_avg()
     print(f"# {args.model} @ {args.image_size}px, batch {args.batch}, {args.threads} threads, engine {args.engine}, "
-          f"{args.rounds} rounds (+{args.warmup} warm-up), load average {la_start}", flush=True)
+          f"compile {args.compile or 'off'}, {args.rounds} rounds (+{args.warmup} warm-up), load average {la_start}",
+          flush=True)
     times = bc.interleaved({v.name: v.step for v in variants}, rounds=args.rounds, warmup=args.warmup,
                            on_result=lambda n, parts: by_name[n].record(parts))
     if args.profile:
@@ -280,6 +295,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "bench": "bench_step", "variant": v.name, "model": args.model, "image_size": args.image_size,
             "batch": args.batch, "threads": args.threads, "engine": args.engine, "rounds": args.rounds,
+            "compile": args.compile, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "step_ms": round(t * 1e3, 2), "img_per_s": round(args.batch / t, 3),
             "img_per_s_per_core": round(args.batch / t / args.threads, 3),
             "ratio_vs": ref, "ratio": round(bc.ratio_median(times[v.name], times[ref]), 4),
@@ -346,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-malloc", action="store_true",
                    help="glibc's default malloc thresholds (trainer: trainer.cpu_malloc_tuning=false)")
     p.add_argument("--unfused-sgd", action="store_true", help="torch's per-parameter SGD (trainer: optim.fused=false)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile every variant as trainer.compile=true does (default backend: inductor)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one SP-Net step")
     bc.add_common_args(p, "bench_step")
     args = p.parse_args(argv)
