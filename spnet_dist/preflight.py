@@ -5,8 +5,9 @@ ranges declared by what reads each key — ``data.options``, ``models.registry``
 ``method.name``, and the run's own keys in ``config.checks``), required values (``???``), this machine (a GPU
 for ``data.decode=mixed``, cores for ``trainer.nprocs``) and the data plan (``data.preflight.plan_data``:
 layout, train/val classes, undecodable files per ``data.scan``/``data.on_corrupt``, ``model.num_classes``,
-batch size vs. dataset). It returns the ``DataPlan`` the trainer and its loaders use, or raises one ConfigError /
-ValueError. ``spnet submit`` runs the machine-independent part on the login node.
+batch size vs. dataset), ``model.pretrained``. It writes the data's class count into ``model.num_classes=auto``
+and returns the ``DataPlan`` the trainer and its loaders use, or raises one ConfigError / ValueError. ``spnet
+submit`` runs the machine-independent part on the login node.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .config import ConfigError, compose, redact, scrub
 from .config.checks import RUN_CHOICES, RUN_RANGES, Range, check_config, check_required, check_values
 from .config.schema import walk_leaves
 from .data.options import CONFIG_CHOICES as DATA_CHOICES, CONFIG_RANGES as DATA_RANGES
-from .data.preflight import DataPlan, plan_data
+from .data.preflight import DataPlan, num_classes_setting, plan_data, resolve_num_classes
 from .osutil import usable_cores
 
 
@@ -43,6 +44,10 @@ def check_static(cfg: Any) -> None:
     check_config(cfg)
     leaves = dict(walk_leaves(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
     check_values(leaves, *rules(leaves.get("method.name")))
+    try:
+        num_classes_setting(leaves.get("model.num_classes"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     layers, widths = leaves.get("model.layers"), leaves.get("model.widths")
     if isinstance(layers, list) and isinstance(widths, list):
         from .models.dynamic_resnet import check_stages
@@ -84,6 +89,24 @@ def check_machine(cfg: Any) -> None:
                           f"trainer.nprocs between 1 and {cores}")
 
 
+def check_pretrained(cfg: Any) -> None:
+    """``model.pretrained`` exists (a file, or a `spnet train` checkpoint folder) and lies outside this run's
+    ``checkpoint.dir``, where this run would resume from it or prune it."""
+    from pathlib import Path
+
+    from .models.pretrained import pretrained_source
+
+    given = cfg.model.get("pretrained") if "model" in cfg else None
+    if not given:
+        return
+    pretrained_source(str(given))
+    source, own = Path(str(given)).expanduser().resolve(), Path(str(cfg.checkpoint.dir)).expanduser().resolve()
+    if source == own or own in source.parents:
+        raise ConfigError(f"model.pretrained={given} lies in this run's checkpoint.dir={cfg.checkpoint.dir}, which "
+                          f"this run would resume from (resume=auto) or prune; give this run a checkpoint.dir of its "
+                          f"own, e.g. checkpoint.dir={own.parent / (own.name + '_' + str(cfg.method.name))}")
+
+
 def plan_checked(cfg: Any, world: int, scan: str | None = None) -> DataPlan:
     """``plan_data`` with the keys that do not fit the data (``model.num_classes``, ``trainer.batch_size``) as a
     ConfigError; a broken dataset stays a DataError / FileNotFoundError."""
@@ -101,8 +124,11 @@ def preflight(cfg: Any, world: int | None = None, data: bool = True) -> DataPlan
     check_static(cfg)
     check_required(cfg)
     check_machine(cfg)
+    check_pretrained(cfg)
     if not data:
         return None
     if world is None:
         world = int(os.environ["WORLD_SIZE"]) if launched() else int(cfg.trainer.nprocs)
-    return plan_checked(cfg, world)
+    plan = plan_checked(cfg, world)
+    resolve_num_classes(cfg, plan)  # model.num_classes=auto -> the class folders of train/, before any model
+    return plan

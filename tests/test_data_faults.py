@@ -264,7 +264,7 @@ def test_empty_and_hidden_class_folders_and_class_count(data, tmp_path):
 
 def test_class_count_mismatch_via_the_cli(data, tmp_path):
     proc = run_spnet(*[a for a in args(data, tmp_path) if not a.startswith("model.num_classes")],
-                     cwd=tmp_path, check=False)
+                     "model.num_classes=10", cwd=tmp_path, check=False)  # an explicit number must fit (auto counts)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"spnet train: config error: model.num_classes=10 but data.root='{data}' has {CLASSES} classes (folders in "
         f"train/); set model.num_classes={CLASSES}"]

@@ -16,6 +16,7 @@ EXTRA = {
     # one USW epoch, then one joint epoch (the phase switch happens through the trainer's on_epoch_start)
     "rdinet": ["trainer.epochs=2", "method.usw_epochs=1", "method.router.d=32"],
     "boostnet": ["method.heldout=0.25"],
+    "static": [],  # the plain ResNet: no routers, every block runs
 }
 
 
@@ -27,14 +28,19 @@ def _history(db: Path, run_id: str, key: str) -> dict[int, float]:
 def expected_macs(block_rates: list[float], method: str) -> float:
     """MACs per image of the tiny model with this method's routers and heads at these block execution fractions
     (hard gates: the count is linear in them)."""
+    from spnet_dist.models import macs_per_image
+
+    return float(macs_per_image(cost_table_of(method), torch.tensor([block_rates], dtype=torch.float64)))
+
+
+def cost_table_of(method: str):
+    """The MAC table of the tiny model (32 px) with this method's routers and heads."""
     from spnet_dist.config import compose
     from spnet_dist.methods import prepare_method_cfg
-    from spnet_dist.models import build_model, cost_table, macs_per_image
+    from spnet_dist.models import build_model, cost_table
 
     cfg = compose([f"method={method}", f"model.num_classes={TINY_CLASSES}"])
-    mcfg = prepare_method_cfg(cfg.method, cfg.model)
-    table = cost_table(build_model(cfg.model, mcfg), 32)
-    return float(macs_per_image(table, torch.tensor([block_rates], dtype=torch.float64)))
+    return cost_table(build_model(cfg.model, prepare_method_cfg(cfg.method, cfg.model)), 32)
 
 
 def _method_state(ckpt: Path) -> dict:
@@ -44,8 +50,8 @@ def _method_state(ckpt: Path) -> dict:
 
 @pytest.mark.parametrize("method", sorted(EXTRA))
 def test_method_trains_through_the_stack(tiny_data, tmp_path, method):
-    proc = run_spnet(*tiny_train_args(tiny_data, tmp_path, f"method={method}", "method.target_rate=0.7",
-                                      *EXTRA[method]), cwd=tmp_path)
+    target = [] if method == "static" else ["method.target_rate=0.7"]
+    proc = run_spnet(*tiny_train_args(tiny_data, tmp_path, f"method={method}", *target, *EXTRA[method]), cwd=tmp_path)
     s = last_json(proc.stdout)
     epochs = 2 if method == "rdinet" else 1
     # BoostNet's held-out quarter of train is left out of the training loader
@@ -55,6 +61,9 @@ def test_method_trains_through_the_stack(tiny_data, tmp_path, method):
     n = s["val_images"]
     assert s["top1"] * n == pytest.approx(round(s["top1"] * n))  # a count of images
     assert len(s["block_rates"]) == 4
+    if method == "static":  # every block runs on every image: MACs = the backbone count
+        assert s["exec_rate"] == 1.0 and s["block_rates"] == [1.0] * 4
+        assert s["macs_per_image"] == expected_macs([1.0] * 4, method) == cost_table_of(method).backbone_full
     if method in ("aig", "spnet_code"):  # every block gated: exec_rate is the mean block rate, counts are integral
         assert s["exec_rate"] == pytest.approx(sum(s["block_rates"]) / 4)
         assert all(r * n == pytest.approx(round(r * n), abs=1e-3) for r in s["block_rates"])

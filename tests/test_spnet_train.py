@@ -81,11 +81,16 @@ def _spnet_cifar(e: int) -> float:  # SP-Net code/train_cifar.py
     return 0.1 * 0.1 ** sum(e >= t for t in (150, 250))
 
 
+def _torchvision(e: int) -> float:  # torchvision references/classification train.py: StepLR(30, 0.1), 0-based epoch
+    return 0.1 * 0.1 ** ((e - 1) // 30)
+
+
 PRESETS = {
     # name: (optim keys, trainer.epochs, global batch, official lr(e), official epoch count)
     "imagenet_spnet": ({"lr": 0.05, "milestones": [44, 89, 127, 144]}, 149, 256, _spnet_imagenet, 149),
     "imagenet_aig": ({"lr": 0.1, "milestones": [29, 59, 89]}, 99, 256, _aig_imagenet, 99),
     "cifar_spnet": ({"lr": 0.1, "milestones": [149, 249]}, 349, 128, _spnet_cifar, 349),
+    "imagenet_torchvision": ({"lr": 0.1, "milestones": [30, 60]}, 90, 256, _torchvision, 90),
 }
 RANKS = {256: 4, 128: 1}  # the per-rank batch in the presets is written for these world sizes
 

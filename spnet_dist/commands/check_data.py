@@ -25,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
     if OmegaConf.is_missing(cfg.data, "root") or not str(cfg.data.root):
         raise ConfigError("data.root is required: spnet check-data data.root=/path/to/imagenet")
     explicit_model = any(o.lstrip("+").startswith("model") for o in args.overrides)
+    given = cfg.model.num_classes if explicit_model else None
     report = check_data(str(cfg.data.root), decode=not args.no_decode,
-                        num_classes=int(cfg.model.num_classes) if explicit_model else None, workers=args.workers)
+                        num_classes=None if given in (None, "auto") else int(given), workers=args.workers)
     for line in report["errors"]:
         print(f"spnet check-data: problem: {line}", file=sys.stderr)
     for line in report["warnings"]:

@@ -2,9 +2,10 @@
 
 ``plan_data(cfg, world)`` lists each split once (through its cached index, so a warm start costs a ``stat`` per
 class folder), applies ``data.scan`` / ``data.on_corrupt`` and checks what would break training: the folder
-layout, train/val class agreement, hidden or empty class folders, ``model.num_classes`` and one step of
-``trainer.batch_size`` x ``world`` images. It raises one FileNotFoundError or DataError naming the problem, or
-returns the ``DataPlan`` that train, submit, eval and the loaders use from then on.
+layout, train/val class agreement, hidden or empty class folders, an explicit ``model.num_classes`` (``auto``:
+the class folders decide, ``resolve_num_classes``) and one step of ``trainer.batch_size`` x ``world`` images. It
+raises one FileNotFoundError or DataError naming the problem, or returns the ``DataPlan`` that train, submit, eval
+and the loaders use from then on.
 """
 from __future__ import annotations
 
@@ -23,8 +24,30 @@ from .options import ON_CORRUPT_CHOICES, SCAN_CHOICES
 log = logging.getLogger("spnet.data")
 
 
+AUTO = "auto"  # model.num_classes: the number of class folders in train/
+
+
 class DataError(ValueError):
     """A problem with the dataset on disk; the message names the folder or file and what to do."""
+
+
+def num_classes_setting(value: Any) -> int | None:
+    """``model.num_classes`` as configured: None for ``auto`` or unset (the class folders of train/ decide), else a
+    positive int; ValueError for anything else."""
+    if value is None or value == AUTO:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"model.num_classes={value!r} is not valid; give a positive integer or {AUTO} (the number "
+                         f"of class folders in data.root/train/)")
+    return value
+
+
+def resolve_num_classes(cfg: Any, plan: "DataPlan") -> int:
+    """Write the data's class count into ``cfg.model.num_classes`` when it is ``auto`` — before the model is built,
+    so the checkpoint's saved config and the MLflow params hold the number; returns the count."""
+    if "model" in cfg and cfg.model.get("num_classes") == AUTO:
+        cfg.model.num_classes = len(plan.classes)
+    return len(plan.classes)
 
 
 @dataclass(frozen=True)
@@ -138,8 +161,8 @@ def plan_data(cfg: Any, world: int, for_training: bool = True, scan: str | None 
         raise DataError(f"data.root={str(root)!r}: {len(empty)} class folder(s) without usable images: "
                         f"{name_list(empty)}; every class needs train and val images (re-run `spnet prepare-imagenet`"
                         f", or `spnet check-data data.root={root}` for details)")
-    num_classes = cfg.model.get("num_classes") if "model" in cfg else None
-    if num_classes is not None and int(num_classes) != len(classes):
+    num_classes = num_classes_setting(cfg.model.get("num_classes")) if "model" in cfg else None
+    if num_classes is not None and num_classes != len(classes):
         raise DataError(f"model.num_classes={num_classes} but data.root={str(root)!r} has {len(classes)} classes "
                         f"(folders in train/); set model.num_classes={len(classes)}")
     world = max(1, int(world))

@@ -195,7 +195,9 @@ class Preemption(Hook):
 
 # ------------------------------------------------------------------------------------------------- helpers
 def run_name(cfg: Any) -> str:
-    return cfg.name or f"{cfg.method.name}-{cfg.model.name}-t{cfg.method.get('target_rate', 'na')}"
+    """``name``, else <method>-<model>-t<target_rate> (without the target for methods that have none: static)."""
+    target = cfg.method.get("target_rate")
+    return cfg.name or f"{cfg.method.name}-{cfg.model.name}" + (f"-t{target}" if target is not None else "")
 
 
 def global_scalars(terms: dict[str, torch.Tensor]) -> dict[str, float]:

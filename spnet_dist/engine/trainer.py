@@ -93,7 +93,7 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
     (rank 0's is printed by the CLI)."""
     import deepspeed
 
-    from ..data.preflight import plan_data
+    from ..data.preflight import plan_data, resolve_num_classes
     from ..methods import build_method
     from ..methods.build import build_from_config
     from ..models import cost_table
@@ -105,6 +105,7 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
     found, same_world = resume_point(cfg, world)  # decided before the loaders: their state is per rank
 
     plan = plan if plan is not None else plan_data(cfg, world)
+    resolve_num_classes(cfg, plan)  # model.num_classes=auto: a no-op after the pre-flight, which wrote the number
     model, method_cfg = build_from_config(cfg.model, cfg.method)
     optimizer = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))

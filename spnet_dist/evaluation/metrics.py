@@ -11,7 +11,8 @@ from .. import distributed as D
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable, table: Any, execution: str = "dense") -> dict[str, Any]:
-    """Every validation image counts once across all ranks (sums are all-reduced)."""
+    """Every validation image counts once across all ranks (sums are all-reduced). ``exec_rate`` is the mean rate of
+    the gated blocks, 1.0 for a network without gates (every block runs, as ``Method.exec_rate`` counts it)."""
     from ..models import macs_per_image
 
     was_training = model.training
@@ -43,5 +44,5 @@ def evaluate(model: torch.nn.Module, loader: Iterable, table: Any, execution: st
     gated_rates = [r for r, g in zip(rates, gated) if g]
     macs = float(sums[2]) / n
     return {"top1": float(sums[0]) / n, "top5": float(sums[1]) / n, "macs_per_image": macs,
-            "gflops_paper": 2 * macs / 1e9, "exec_rate": sum(gated_rates) / max(1, len(gated_rates)),
+            "gflops_paper": 2 * macs / 1e9, "exec_rate": sum(gated_rates) / len(gated_rates) if gated_rates else 1.0,
             "block_rates": [round(r, 4) for r in rates], "val_images": int(n)}

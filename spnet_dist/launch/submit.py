@@ -77,7 +77,7 @@ def plan(overrides: Sequence[str], cluster: str | None = None, folder: str | Pat
     uid = uuid.uuid4().hex[:6]
     sub_dir = folder / f"{stamp}-{uid}"
     job_list = []
-    checked: set[tuple[str, int, int, int]] = set()
+    checked: set[tuple[str, str, int, int]] = set()
     world = int(profile["nodes"]) * int(profile["tasks_per_node"])
     first_cfg = None
     for i, combo in enumerate(combos):
@@ -97,7 +97,7 @@ def plan(overrides: Sequence[str], cluster: str | None = None, folder: str | Pat
         check_required(cfg)
         first_cfg = first_cfg or cfg
         # the data must fit this job's world size (nodes x tasks per node), checked here rather than in the job
-        fit = (str(cfg.data.root), int(cfg.model.num_classes), int(cfg.trainer.batch_size), world)
+        fit = (str(cfg.data.root), str(cfg.model.num_classes), int(cfg.trainer.batch_size), world)  # or auto
         if fit not in checked:
             plan_checked(cfg, world, scan="off")  # listing only: no file is opened on the login node
             checked.add(fit)

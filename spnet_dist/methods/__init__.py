@@ -1,4 +1,5 @@
-"""Training objectives of dynamic-inference methods (ConvNet-AIG, SP-Net, RDI-Net, BoostNet) and their shared losses.
+"""Training objectives of dynamic-inference methods (ConvNet-AIG, SP-Net, RDI-Net, BoostNet), the static baseline
+and their shared losses.
 
 Trainer usage::
 
@@ -10,12 +11,19 @@ Trainer usage::
     out = model(images)
     loss, logs = method.loss(model, images, labels, out)
 """
-from . import aig, boostnet, rdinet, spnet  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from .aig import ConvNetAIG, gate_mask_for
 from .base import METHODS, GatedMethod, Method, build_method, prepare_method_cfg, register_method, unwrap_model
 from .boostnet import BoostNet
 from .rdinet import RDINet
 from .spnet import SPNet
+from .static import StaticResNet
+
+# registration: every module of this package is imported, so a new method is its file (+ its configs/method yaml)
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = [
     "METHODS",
@@ -25,6 +33,7 @@ __all__ = [
     "SPNet",
     "RDINet",
     "BoostNet",
+    "StaticResNet",
     "build_method",
     "prepare_method_cfg",
     "register_method",

@@ -162,7 +162,8 @@ def _fmt(keys: list[str], n: int = 12) -> str:
 
 
 def load_torchvision_state_dict(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
-                                strict_backbone: bool = True) -> dict[str, list[str]]:
+                                strict_backbone: bool = True, what: str = "torchvision state dict",
+                                hint: str | None = None) -> dict[str, list[str]]:
     """Load a torchvision-format ResNet state dict from a LOCAL file (or a mapping) into the backbone.
 
     Backbone = stem, all blocks (without routers) and the final ``fc`` (= o_4). Routers and auxiliary
@@ -170,6 +171,8 @@ def load_torchvision_state_dict(model: nn.Module, path_or_state_dict: str | os.P
     prefix are accepted. torchvision weights are v1.5; a v1 model loads them too (same shapes).
     strict_backbone=True raises ``StateDictError`` naming missing / unexpected / shape-mismatched keys;
     False loads what matches and returns the lists. Returns {"loaded", "missing", "unexpected", "mismatched"}.
+    ``what`` names the source in the error and ``hint`` replaces its advice (``models.pretrained`` passes both for
+    this project's own checkpoints).
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = Path(path_or_state_dict).expanduser()
@@ -194,10 +197,9 @@ def load_torchvision_state_dict(model: nn.Module, path_or_state_dict: str | os.P
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatch(es): " + _fmt(
                 [f"{k} (checkpoint {list(sd[k].shape)} vs model {list(target[k].shape)})" for k in mismatched]))
-        raise StateDictError("torchvision state dict does not match the model backbone: " + "; ".join(parts)
-                             + ". Expected torchvision ResNet names (conv1, bn1, layerK.I.convJ/bnJ/"
-                             "downsample.{0,1}, fc) and the same depth/widths/num_classes; pass "
-                             "strict_backbone=False to load only the matching tensors.")
+        raise StateDictError(f"{what} does not match the model backbone: " + "; ".join(parts) + ". " + (
+            hint or "Expected torchvision ResNet names (conv1, bn1, layerK.I.convJ/bnJ/downsample.{0,1}, fc) and "
+            "the same depth/widths/num_classes; pass strict_backbone=False to load only the matching tensors."))
     ok = {k: sd[k] for k in target if k in sd and k not in mismatched}
     model.load_state_dict(ok, strict=False)
     return {"loaded": sorted(ok), "missing": missing, "unexpected": unexpected, "mismatched": mismatched}

@@ -5,9 +5,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..cfgtools import to_plain
-from .backbone import BLOCKS, STEMS, VARIANTS, load_torchvision_state_dict
+from .backbone import BLOCKS, STEMS, VARIANTS
 from .boostnet import EarlyExitResNet
 from .dynamic_resnet import DynamicResNet, check_stages
+from .pretrained import load_pretrained
 from .rdinet import RDIResNet
 from .routers import ROUTERS
 
@@ -71,6 +72,10 @@ def resolve_model_cfg(model_cfg: Mapping[str, Any] | str) -> dict[str, Any]:
     _check_choice("stem", cfg["stem"], STEMS)
     _check_choice("variant", cfg["variant"], VARIANTS)
     check_stages(cfg["layers"], cfg["widths"])
+    if cfg["num_classes"] == "auto":
+        raise ValueError("model.num_classes=auto is the number of class folders in data.root/train/, set by the "
+                         "pre-flight of `spnet train`; building a model without data needs a number, e.g. "
+                         "model.num_classes=1000")
     for k in ("stem_width", "num_classes", "image_size"):
         if not isinstance(cfg[k], int) or cfg[k] <= 0:
             raise ValueError(f"model.{k} must be a positive int, got {cfg[k]!r}")
@@ -102,7 +107,7 @@ def build_model(model_cfg: Mapping[str, Any] | str, method_cfg: Mapping[str, Any
                 stem_width=cfg["stem_width"], variant=cfg["variant"], num_classes=cfg["num_classes"],
                 router=router, multi_stage_heads=bool(method.get("multi_stage_heads", False)),
                 gate_mask=method.get("gate_mask"), image_size=cfg["image_size"], name=cfg["name"], **extra)
-    if cfg.get("pretrained"):
-        load_torchvision_state_dict(model, cfg["pretrained"])
+    if cfg.get("pretrained"):  # a torchvision-style file or a `spnet train` checkpoint: the backbone only
+        load_pretrained(model, cfg["pretrained"])
     return model
 
