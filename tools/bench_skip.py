@@ -3,6 +3,7 @@
 Usage:
     python tools/bench_skip.py [--batches 1 64] [--rates 0.3 0.5 0.7] [--repeats 5] [--repeats-small 30]
                                [--threads 2] [--model resnet50] [--image-size 224]
+                               [--device cpu|cuda] [--bf16] [--channels-last]
                                [--jsonl outputs/bench/bench_skip.jsonl]
 
 Model: ResNet-50 v1.5 with SP-Net routers (all 16 blocks gated), 1000 classes, eval mode, ``torch.no_grad()``,
@@ -26,6 +27,10 @@ Columns: measured saving = 1 − skip/dense; theoretical saving = 1 − macs/mac
 (macs_per_image); realised = measured / theo(gates). The same from process CPU time (all threads; not counting
 time lost to other processes on a contended machine) is printed after the bar. Dense and skip logits are compared
 (max |Δ|) as a sanity check. Each batch size's rows are printed and appended to --jsonl as soon as they are done.
+
+``--device cuda``: model and inputs on the GPU (cuDNN autotuning on, as the trainer), the clock read after a
+``torch.cuda.synchronize()`` on both ends of every forward; ``--bf16`` runs the forward under bf16 autocast and
+``--channels-last`` feeds channels_last inputs (the GPU inference settings). CPU time is then mostly launch overhead.
 """
 from __future__ import annotations
 
@@ -111,21 +116,35 @@ class Forcer:
             del self.model._forced_z
 
 
-def forward(model: DynamicResNet, x: torch.Tensor, mode: str, forcer: Forcer) -> tuple[float, float, Any]:
+def sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def forward(model: DynamicResNet, x: torch.Tensor, mode: str, forcer: Forcer,
+            bf16: bool = False) -> tuple[float, float, Any]:
     """(wall ms, process CPU ms, output). CPU time (all threads of this process) is the contention-robust twin of
     the wall time: time spent descheduled by other processes' load does not count (OpenMP spin-waits do)."""
     model.set_execution(mode)
     forcer.arm()
+    sync(x)
     c0, t0 = time.process_time(), time.perf_counter()
-    out = model(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(x)
+    sync(x)
     return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3, out
 
 
 def bench(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
     """All rows; ``emit(rows)`` is called with each batch size's rows as soon as they are measured."""
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     model = build(args.model, args.image_size)
     table = cost_table(model, args.image_size)
+    model.to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     full = table.full()
     rows = []
     modes = ("dense", "skip")
@@ -133,14 +152,15 @@ def bench(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
         for batch in args.batches:
             repeats = args.repeats_small if batch <= 8 else args.repeats
             x = torch.randn(batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(1))
+            x = x.to(device).contiguous(memory_format=fmt)
             forcers = {t: Forcer(model, table, batch, t) for t in args.rates}
             times: dict[tuple[float, str], list[float]] = {(t, m): [] for t in args.rates for m in modes}
             cpu: dict[tuple[float, str], list[float]] = {(t, m): [] for t in args.rates for m in modes}
             check: dict[float, dict[str, float]] = {}
             load_start = load_avg()
             for t in args.rates:  # warm-up + equality check + gate-exact theoretical MACs
-                *_, dense = forward(model, x, "dense", forcers[t])
-                *_, skip = forward(model, x, "skip", forcers[t])
+                *_, dense = forward(model, x, "dense", forcers[t], args.bf16)
+                *_, skip = forward(model, x, "skip", forcers[t], args.bf16)
                 if not torch.equal(dense.gates, skip.gates):
                     raise RuntimeError(f"batch {batch}, t={t}: dense and skip ran different gates")
                 check[t] = {"max_abs_diff": float((dense.logits - skip.logits).abs().max()),
@@ -149,7 +169,7 @@ def bench(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
             for r in range(repeats):
                 for t in args.rates:
                     for mode in (modes if r % 2 == 0 else modes[::-1]):
-                        ms, cpu_ms, _ = forward(model, x, mode, forcers[t])
+                        ms, cpu_ms, _ = forward(model, x, mode, forcers[t], args.bf16)
                         times[(t, mode)].append(ms)
                         cpu[(t, mode)].append(cpu_ms)
             load_end = load_avg()
@@ -177,6 +197,8 @@ def bench(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
                     "skip_ms_all": [round(v, 2) for v in times[(t, "skip")]],
                     "repeats": repeats, "threads": args.threads, "model": args.model,
                     "image_size": args.image_size, "macs_full": full, "macs_gates": check[t]["macs"],
+                    "device": device.type, "bf16": args.bf16, "channels_last": args.channels_last,
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "load_avg_start": load_start, "load_avg_end": load_end,
                     "torch": torch.__version__, "cpu_count": os.cpu_count(), "host": platform.node(),
                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -210,10 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--model", default="resnet50")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--bf16", action="store_true", help="forward under bf16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels_last inputs")
     p.add_argument("--jsonl", default="outputs/bench/bench_skip.jsonl", help="append one JSON line per row here")
     args = p.parse_args(argv)
     print(f"# {args.model} @ {args.image_size}px, SP-Net routers, eval + no_grad, torch {torch.__version__}, "
-          f"{args.threads} threads, {os.cpu_count()} CPUs, load average {load_avg()}", flush=True)
+          f"{args.threads} threads, {os.cpu_count()} CPUs, device {args.device}{' bf16' if args.bf16 else ''}"
+          f"{' channels_last' if args.channels_last else ''}, load average {load_avg()}", flush=True)
     out = Path(args.jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
 
