@@ -52,6 +52,8 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
     model, method_cfg = build_from_config(cfg.model, cfg.method, pretrained=False)  # weights: the checkpoint's
     model.load_state_dict(state["module"])
+    if torch.cuda.is_available():  # evaluate where the loader's GPU-decoded batches are
+        model = model.cuda().to(memory_format=torch.channels_last)
     method = build_method(method_cfg, model)
     method.load_state_dict(state[CLIENT_KEY]["method"])
     plan = plan_data(cfg, world=1, for_training=False)  # the data checks, once; the loader reads its file lists
