@@ -30,6 +30,7 @@ RUN_RANGES: dict[str, Range] = {
     "optim.gamma": (0, None, False), "optim.warmup_epochs": (0, None, True),
     "checkpoint.every_steps": (0, None, True), "checkpoint.keep_last": (1, None, True),
     "eval.every_epochs": (1, None, True), "eval.precise_bn_batches": (0, None, True),
+    "eval.gate_calibration_batches": (0, None, True),
 }
 _NOUN = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
          "list": "a list, e.g. [1, 2]", "dict": "a mapping"}

@@ -56,6 +56,11 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
         model = model.cuda().to(memory_format=torch.channels_last)
     method = build_method(method_cfg, model)
     method.load_state_dict(state[CLIENT_KEY]["method"])
+    offsets = (state[CLIENT_KEY].get("hooks") or {}).get("gate_calibration", {}).get("offsets")
+    if offsets:  # the run evaluated with calibrated gates (eval.gate_calibration_batches)
+        from .gate_calibration import set_offsets
+
+        set_offsets(model, offsets)
     plan = plan_data(cfg, world=1, for_training=False)  # the data checks, once; the loader reads its file lists
     loader = build_loader(cfg, plan, train=False, shard_id=0, num_shards=1)
     metrics = method.evaluate(method.eval_model(model), loader, cost_table(model, cfg.data.image_size), cfg.eval.execution)

@@ -261,6 +261,7 @@ def standard_hooks(cfg: Any, optimizer: torch.optim.Optimizer, ckpt: Checkpointe
     before the epoch's checkpoint (which then holds what was evaluated, e.g. PreciseBN statistics). ``after_train``
     runs in reverse order: final checkpoint, final evaluation, then the tracker closes the run."""
     from .failpoints import Failpoints
+    from .gate_calibration import GateCalibration
     from .precise_bn import PreciseBN
 
     failpoints = Failpoints.from_env()  # first: a NaN injected after an update is seen by that step's save
@@ -268,6 +269,8 @@ def standard_hooks(cfg: Any, optimizer: torch.optim.Optimizer, ckpt: Checkpointe
     hooks: list[Hook] = [*([failpoints] if failpoints else []), lr, Preemption(), Tracking(lr)]
     if int(cfg.eval.get("precise_bn_batches", 0) or 0) > 0:
         hooks.append(PreciseBN(int(cfg.eval.precise_bn_batches)))
+    if int(cfg.eval.get("gate_calibration_batches", 0) or 0) > 0:
+        hooks.append(GateCalibration(int(cfg.eval.gate_calibration_batches)))
     hooks += [Evaluation(), Checkpointing(ckpt)]
     if D.rank() == 0 and cfg.trainer.progress:
         hooks.append(ProgressBar())

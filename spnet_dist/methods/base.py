@@ -170,6 +170,10 @@ class Method:
         """The network evaluated on the validation set: the student for all current methods."""
         return model
 
+    def gate_targets(self) -> list[float] | None:
+        """Per-block target execution rates (gated methods), or None."""
+        return None
+
     def replicated_tensors(self) -> list[Tensor]:
         """Cross-iteration tensors that must be identical on every rank (checked periodically by the trainer).
 
@@ -258,6 +262,9 @@ class GatedMethod(Method):
         self.one_sided = form == "one_sided"
         self.rate_weight = float(cfg_get(self.cfg, "rate_weight", 1.0))
         self.rate_loss_mask = [g and t < 1.0 for g, t in zip(self.gated_blocks, targets)]
+
+    def gate_targets(self) -> list[float]:
+        return list(self.targets)
 
     def rate_terms(self, out: "ModelOutput") -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Returns (unweighted rate loss, global per-block rates, logging dict)."""

@@ -151,6 +151,9 @@ class DynamicResNet(nn.Module):
                              f"{self.num_options}")
         if self._forced is not None:
             return self._forced_z(x.shape[0], x.device), logits
+        offset = getattr(blk, "gate_offset", 0.0)  # evaluation-only calibration (engine/gate_calibration.py)
+        if offset and not self.training:
+            logits = logits + logits.new_tensor([0.0, offset])
         y = gumbel_st(logits, self.tau, hard=True, noise=self.training or self.eval_noise)
         return y[:, 1], logits
 

@@ -1,0 +1,70 @@
+"""Gate calibration: after it, each gated block's argmax gate executes its target share of images; training-mode
+gates are untouched; the offsets are hook state that survives a restart."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from spnet_dist.engine.gate_calibration import GateCalibration, calibrate_gates
+from spnet_dist.models import build_model
+
+from conftest import TINY_MODEL
+
+TARGETS = [0.3, 0.5, 0.7, 1.0]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL, {"router": {"type": "aig", "hidden": 16, "bias_init": [0.1, 2.0]}})
+    return model.eval()
+
+
+def _batches(seed: int, n: int = 4, b: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 3, 32, 32, generator=g), torch.zeros(b)) for _ in range(n)]
+
+
+@torch.no_grad()
+def _eval_rates(model: nn.Module, batches) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x).gates for x, _ in batches]).mean(0)
+
+
+def test_argmax_gates_execute_their_targets_after_calibration(one_torch_thread):
+    model = _model()
+    calib, fresh = _batches(1), _batches(2)
+    before = _eval_rates(model, fresh)
+    assert (before[:3] - torch.tensor(TARGETS[:3])).abs().max() > 0.2, "uncalibrated gates should miss the targets"
+    offsets = calibrate_gates(model, lambda: iter(calib), TARGETS, num_batches=4)
+    assert offsets[3] == 0.0 and all(o != 0.0 for o in offsets[:3])
+    on_calib = _eval_rates(model, calib)
+    torch.testing.assert_close(on_calib[:3], torch.tensor(TARGETS[:3]), atol=2 / 128, rtol=0)
+    on_fresh = _eval_rates(model, fresh)  # images the calibration never saw
+    assert (on_fresh[:3] - torch.tensor(TARGETS[:3])).abs().max() < 0.1, on_fresh
+
+
+def test_training_gates_ignore_the_offsets(one_torch_thread):
+    model = _model()
+    x = _batches(3, n=1)[0][0]
+    model.train()
+    torch.manual_seed(5)
+    before = model(x).gate_logits.detach()
+    calibrate_gates(model, lambda: iter(_batches(1)), TARGETS, num_batches=2)
+    model.train()
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(x).gate_logits.detach(), before, rtol=0, atol=0)
+
+
+def test_offsets_are_hook_state_restored_before_training(one_torch_thread):
+    model = _model()
+    offsets = calibrate_gates(model, lambda: iter(_batches(1)), TARGETS, num_batches=2)
+    state = {"offsets": offsets}
+    restored = _model()
+    hook = GateCalibration(2)
+    hook.load_state_dict(state)
+    hook.before_train(SimpleNamespace(engine=SimpleNamespace(module=restored)))
+    batches = _batches(4, n=1)
+    torch.testing.assert_close(_eval_rates(restored, batches), _eval_rates(model, batches), rtol=0, atol=0)
+    assert hook.state_dict() == state
