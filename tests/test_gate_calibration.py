@@ -68,3 +68,17 @@ def test_offsets_are_hook_state_restored_before_training(one_torch_thread):
     batches = _batches(4, n=1)
     torch.testing.assert_close(_eval_rates(restored, batches), _eval_rates(model, batches), rtol=0, atol=0)
     assert hook.state_dict() == state
+
+
+def test_calibrated_run_checkpoints_its_offsets_and_spnet_eval_applies_them(tiny_data, tmp_path):
+    from conftest import last_json, run_spnet, tiny_train_args
+
+    args = tiny_train_args(tiny_data, tmp_path, "method=aig", "method.target_rate=0.5", "trainer.epochs=2",
+                           "eval.gate_calibration_batches=4")
+    trained = last_json(run_spnet(*args, cwd=tmp_path).stdout)
+    state = torch.load(f"{trained['checkpoint']}/mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    offsets = state["spnet"]["hooks"]["gate_calibration"]["offsets"]
+    assert len(offsets) == 4 and any(o != 0.0 for o in offsets)
+    evaluated = last_json(run_spnet("eval", f"checkpoint={trained['checkpoint']}", cwd=tmp_path).stdout)
+    assert evaluated["block_rates"] == trained["block_rates"] and evaluated["top1"] == trained["top1"]
