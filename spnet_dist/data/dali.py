@@ -212,8 +212,7 @@ def write_file_list(plan: DataPlan, split: str, files: Sequence[str]) -> str:
     """A DALI ``file_list`` (``<class>/<file> <label>`` lines, relative to the split folder; label = position in
     the plan's class list, as ``file_root`` would number it) of ``files``, cached in the data's cache folder under
     a name that changes with its content."""
-    label = {c: i for i, c in enumerate(plan.classes)}
-    text = "".join(f"{f} {label[f.split('/', 1)[0]]}\n" for f in files)
+    text = "".join(f"{f} {label}\n" for f, label in zip(files, plan.labels(files)))
     digest = hashlib.sha1(text.encode()).hexdigest()[:16]
     path = cache_dir(plan.root) / f"files-{split}-{digest}.txt"
     if not path.is_file():

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..cfgtools import cfg_get
 from . import files as listing
@@ -76,6 +76,11 @@ class DataPlan:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; the data has {', '.join(SPLITS)}")
         return self.train if name == "train" else self.val
+
+    def labels(self, files: Sequence[str]) -> tuple[int, ...]:
+        """Label of each ``<class>/<file>``: the position of its class in ``classes`` (every backend's rule)."""
+        label = {c: i for i, c in enumerate(self.classes)}
+        return tuple(label[f.split("/", 1)[0]] for f in files)
 
 
 def shard_sizes(n: int, world: int) -> tuple[int, ...]:

@@ -211,7 +211,7 @@ class TorchvisionLoader:
         if self.plan is None:
             raise ValueError("subset() needs a loader made by build_loader (from a pre-flight plan)")
         return TorchvisionLoader(replace(self.spec, root=str(self.plan.split(split).dir), files=tuple(files),
-                                         labels=labels_of(self.plan, files), train=False, with_source_info=False),
+                                         labels=self.plan.labels(files), train=False, with_source_info=False),
                                  plan=self.plan)
 
     def release(self) -> None:
@@ -222,19 +222,13 @@ class TorchvisionLoader:
             it._shutdown_workers()
 
 
-def labels_of(plan: DataPlan, files: Sequence[str]) -> tuple[int, ...]:
-    """Label of each ``<class>/<file>``: the position of its class in the plan's class list."""
-    label = {c: i for i, c in enumerate(plan.classes)}
-    return tuple(label[f.split("/", 1)[0]] for f in files)
-
-
 def build(cfg: Any, plan: DataPlan, split: str, train: bool, shard_id: int, num_shards: int, files: Sequence[str],
           state: dict[str, Any] | None = None, with_source_info: bool = False) -> TorchvisionLoader:
     """The torchvision loader of one shard of ``files`` (see ``loader.build_loader``); DataLoader workers:
     ``data.num_threads`` divided over the node's ranks."""
     data = cfg.data
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", num_shards))
-    spec = TvSpec(root=str(plan.split(split).dir), files=tuple(files), labels=labels_of(plan, files),
+    spec = TvSpec(root=str(plan.split(split).dir), files=tuple(files), labels=plan.labels(files),
                   batch_size=int(cfg.trainer.batch_size), shard_id=shard_id, num_shards=num_shards, train=train,
                   crop=int(data.image_size), val_resize=int(data.val_resize), seed=int(cfg.seed),
                   workers=max(1, int(data.num_threads) // max(1, local_world)),
