@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from .. import distributed as D
 from ..errors import SpnetError
 from . import preempt
 from .hook import Hook, StepResult
+
+log = logging.getLogger("spnet.train")
 
 
 @dataclass
@@ -105,9 +108,7 @@ class TrainLoop:
         """Stop (default) or skip the optimizer update for a non-finite loss; nothing is saved from a bad state."""
         shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if v.ndim == 0)
         if self.cfg.trainer.on_nonfinite == "skip":
-            import logging
-
-            logging.getLogger("spnet.train").warning(
+            log.warning(
                 "non-finite loss at step %d (%s; loss=%s): optimizer update skipped (trainer.on_nonfinite=skip)",
                 step, shown, float(loss))
             return

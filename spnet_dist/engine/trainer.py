@@ -124,7 +124,8 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
     ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
     loop = TrainLoop(cfg, engine, method, table, train_loader, val_loader, prog,
                      Tracker.from_config(cfg, enabled=rank == 0), [*standard_hooks(cfg, optimizer, ckpt), *hooks],
-                     last_ckpt=found[0] / found[1] if found else None, train_batches=fresh_train_pass(cfg, plan, train_files))
+                     last_ckpt=found[0] / found[1] if found else None,
+                     train_batches=fresh_train_pass(cfg, plan, train_files))
     loop.load_hook_states(client.get("hooks") if client else None)
     loop.run()
     return loop.summary()
