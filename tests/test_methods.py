@@ -189,7 +189,7 @@ def test_teacher_ema_exact_and_no_grad():
             assert tp.data_ptr() != sp.data_ptr()
         for tp, a, b in zip(method.teacher.parameters(), t0, s0):
             torch.testing.assert_close(tp, m * a + (1 - m) * b, rtol=1e-6, atol=1e-6)  # the formula
-            assert torch.equal(tp, a.mul(m).add(b, alpha=1 - m))  # bitwise, same op order as the fused update
+            assert torch.equal(tp, torch.lerp(a, b, 1 - m))  # bitwise, the fused update's op
         opt.step()  # student moves; the next EMA must use these (pre-next-step) weights
     assert method.step == 2
 
@@ -266,7 +266,7 @@ def test_wrapped_student_ddp_single_process(tmp_path):
         loss, _ = method.loss(ddp, x, y, ddp(x))
         loss.backward()
         for tp, a, b in zip(method.teacher.parameters(), t0, model.parameters()):
-            assert torch.equal(tp, a.mul(0.9).add(b.detach(), alpha=0.1))
+            assert torch.equal(tp, torch.lerp(a, b.detach(), 0.1))
         assert method.eval_model(ddp) is ddp
     finally:
         dist.destroy_process_group()

@@ -311,3 +311,26 @@ def test_router_modules() -> None:
     assert isinstance(build_router({"type": "spnet", "hidden": 64, "dropout": 0.0, "bias_init": [0.0, 1.0]}, 8),
                       SPNetRouter)
     assert build_router({"type": "none"}, 8) is None
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_global_avg_pool_matches_adaptive_pool(fmt, dtype) -> None:
+    """Same values and input gradients as ``F.adaptive_avg_pool2d(x, 1)`` (bitwise), with the pooling's gradient
+    added to a convolution's as in a router (its speed is measured by tools/bench_step.py, BENCHMARKS.md)."""
+    from spnet_dist.models.pooling import global_avg_pool
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 5, 7, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    conv = nn.Conv2d(8, 4, 1).to(dtype)
+    w = torch.randn(3, 8, generator=gen).to(dtype)
+    grads = []
+    for pool in (lambda t: torch.flatten(F.adaptive_avg_pool2d(t, 1), 1), global_avg_pool):
+        xi = x.detach().clone(memory_format=fmt).requires_grad_(True)
+        y = pool(xi)
+        ((y * w).sum() + conv(xi).sum()).backward()
+        grads.append((y.detach(), xi.grad))
+    (y_ref, g_ref), (y, g) = grads
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+    with pytest.raises(ValueError, match="B×C×H×W"):
+        global_avg_pool(torch.zeros(2, 3))

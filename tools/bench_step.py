@@ -316,18 +316,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [bc.stamp(r, la_start, la_end) for r in rows]
 
 
-def profile(variants: list[Variant]) -> None:
+def profile(variants: list[Variant], rows: int = 15) -> None:
+    """torch.profiler tables of one step of every variant: top ``rows`` ops by self time (CUDA time on a GPU)."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     for v in variants:
-        if v.base != "spnet":
-            continue
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with tprofile(activities=acts) as prof:
             v.step()
-        print(f"# torch.profiler, one step of {v.name}, top 15 by self time")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
-        break
+        print(f"# torch.profiler, one step of {v.name}, top {rows} by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48))
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unfused-sgd", action="store_true", help="torch's per-parameter SGD (trainer: optim.fused=false)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile every variant as trainer.compile=true does (default backend: inductor)")
-    p.add_argument("--profile", action="store_true", help="torch.profiler table of one SP-Net step")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of one step of every variant")
     bc.add_common_args(p, "bench_step")
     args = p.parse_args(argv)
     rows = run(args)

@@ -7,7 +7,7 @@ batch possibly smaller. Transforms: ``tv_images``.
 
 Decoding: ``data.decode`` resolved as for DALI. ``cpu``: workers read, decode, crop and normalize. ``mixed``
 (CUDA): workers only read the bytes; the batch is decoded by nvJPEG and cropped on the GPU (``tv_images.gpu_decode``;
-not run on the development machines, which have no GPU).
+run on the device by tools/gpu_check.sh; the development machines have no GPU).
 
 Resume: batch k of epoch e holds the files at positions [k*B, (k+1)*B) of that epoch's permutation, and each
 sample's randomness comes from (seed, epoch, file index), so ``{epoch, position, seed}`` is the whole RNG state: a
@@ -174,12 +174,12 @@ class TorchvisionLoader:
                 yield images, labels
 
     def _on_gpu(self, datas: list[torch.Tensor], index: list[int]) -> torch.Tensor:
-        """Decode a batch of file bytes on the GPU and apply the transform there (untested: no GPU here)."""
+        """Decode a batch of file bytes on the GPU and apply the transform there (run by tools/gpu_check.sh)."""
         s = self.spec
         imgs = T.gpu_decode(datas, s.root, [s.files[i] for i in index], s.on_corrupt)
-        views = [T.train_view(img, s.crop, T.sample_rng(s.seed, self.epoch, i)) if s.train
-                 else T.val_view(img, s.crop, s.val_resize) for img, i in zip(imgs, index)]
-        return T.normalize(torch.stack(views))
+        if s.train:
+            return T.normalize(T.train_views_gpu(imgs, s.crop, [T.sample_rng(s.seed, self.epoch, i) for i in index]))
+        return T.normalize(torch.stack([T.val_view(img, s.crop, s.val_resize) for img in imgs]))
 
     def state_dict(self) -> dict[str, Any]:
         """``{backend, epoch, position, seed, shard_size, batch_size}``: position = batches of ``epoch`` handed

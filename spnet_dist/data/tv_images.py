@@ -59,13 +59,27 @@ def train_view(img: torch.Tensor, crop: int, rng: random.Random) -> torch.Tensor
     return F.horizontal_flip(out) if rng.random() < 0.5 else out
 
 
+def train_views_gpu(imgs: list[torch.Tensor], crop: int, rngs: list[random.Random]) -> torch.Tensor:
+    """``train_view`` of a batch of uint8 CHW GPU images as one float32 N×3×crop×crop tensor (values 0..255,
+    rounded as the uint8 path rounds): the same boxes and flips drawn from the same streams, with three plain
+    kernels per image (crop-view → float, antialiased bilinear resize, flip-copy into the batch) instead of
+    ``F.resized_crop``'s per-image dispatch and its uint8 round trip (torchvision resizes CUDA uint8 in float)."""
+    out = torch.empty((len(imgs), 3, crop, crop), device=imgs[0].device)
+    for k, (img, rng) in enumerate(zip(imgs, rngs)):
+        top, left, h, w = crop_box(img.shape[-2], img.shape[-1], rng)
+        x = torch.nn.functional.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(crop, crop),
+                                            mode="bilinear", antialias=True, align_corners=False)[0]
+        out[k] = x.flip(-1) if rng.random() < 0.5 else x
+    return out.clamp_(0, 255).round_()
+
+
 def val_view(img: torch.Tensor, crop: int, val_resize: int) -> torch.Tensor:
     """Shorter side to ``val_resize``, then the center ``crop`` x ``crop`` of a uint8 CHW image (any device)."""
     return F.center_crop(F.resize(img, [val_resize], antialias=True), [crop, crop])
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N)CHW RGB -> float32 ``(x - MEAN) / STD`` on the images' device."""
+    """uint8 (or float 0..255) (N)CHW RGB -> float32 ``(x - MEAN) / STD`` on the images' device."""
     mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(3, 1, 1)
     return (images.float() - mean) / std
@@ -120,7 +134,7 @@ def load_rgb(root: str, rel: str, on_corrupt: str, data: torch.Tensor | None = N
 def gpu_decode(datas: list[torch.Tensor], root: str, rels: list[str], on_corrupt: str) -> list[torch.Tensor]:
     """uint8 CHW RGB images on the current CUDA device: JPEGs batched through nvJPEG
     (``decode_jpeg(list, device="cuda")``), other formats and anything nvJPEG refuses decoded on the CPU and
-    moved. Untested here (no GPU on the development machines); the CPU path shares every transform."""
+    moved (run on the device by tools/gpu_check.sh; the development machines have no GPU)."""
     out: list[torch.Tensor | None] = [None] * len(datas)
     jpegs = [i for i, d in enumerate(datas) if is_jpeg(d)]
     if jpegs:

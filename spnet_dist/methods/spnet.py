@@ -4,7 +4,7 @@ The "dynamic auxiliary module" is a momentum (EMA) copy of the whole student (§
 ``loss()`` and in the official order (§5.d):
 
 1. EMA update ``θ_t ← m·θ_t + (1−m)·θ_s`` with the student parameters *before* this iteration's optimizer step
-   (``loss()`` runs after the student forward and before backward/step), fused ``torch._foreach_mul_/_foreach_add_``;
+   (``loss()`` runs after the student forward and before backward/step), fused ``torch._foreach_lerp_``;
 2. teacher forward on the same images under ``torch.inference_mode()`` — train mode by default (``teacher_mode:
    train``: batch-statistics BN, router dropout, Gumbel noise, as in the official code), or eval mode;
 3. ``L = L_cls + λ·L_rate + w_logits·L_logits + w_path·L_path + w_evo·L_evo`` (§5.c).
@@ -144,8 +144,7 @@ class SPNet(GatedMethod):
         if len(s_params) != len(self._t_params):
             raise RuntimeError("student parameter list changed since the teacher was created")
         m = self.momentum
-        torch._foreach_mul_(self._t_params, m)
-        torch._foreach_add_(self._t_params, s_params, alpha=1.0 - m)
+        torch._foreach_lerp_(self._t_params, s_params, 1.0 - m)  # θ_t + (1−m)(θ_s − θ_t): one pass, not two
         if self.teacher_buffers == "own":
             return
         s_buffers = list(student.buffers())
@@ -163,8 +162,7 @@ class SPNet(GatedMethod):
             else:
                 t.copy_(s)
         if float_t:
-            torch._foreach_mul_(float_t, m)
-            torch._foreach_add_(float_t, float_s, alpha=1.0 - m)
+            torch._foreach_lerp_(float_t, float_s, 1.0 - m)
 
     teacher_inference_mode = True  # False: plain no_grad forward (tools/bench_step.py compares both)
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dynamic_resnet import DynamicResNet
+from .pooling import global_avg_pool
 
 
 class _GradScale(torch.autograd.Function):
@@ -109,7 +110,7 @@ class EarlyExitResNet(DynamicResNet):
 
     def exit_logits(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """Raw logits f_k of exit k (0-based) from the stage-k output feature map x."""
-        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        pooled = global_avg_pool(x)
         if k == self.num_exits - 1:
             return self.fc(pooled)
         return self.aux.fc[k](self.aux.align[k](pooled))

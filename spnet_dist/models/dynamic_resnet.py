@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backbone import BLOCKS, init_backbone, make_stage, stem_modules
 from .gumbel import gumbel_st
 from .heads import MultiStageHeads
 from .output import ModelOutput
+from .pooling import global_avg_pool
 from .routers import build_router
 
 EXECUTION_MODES = ("dense", "skip")
@@ -209,7 +209,7 @@ class DynamicResNet(nn.Module):
                              else self._gate_value(blk, z).to(dt))
                 gate_logits.append(x.new_zeros(b, self.num_options, dtype=dt) if logits is None else logits.to(dt))
             if self.aux is not None or s == self.stage_names[-1]:
-                pooled.append(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+                pooled.append(global_avg_pool(x))
         final = pooled[-1]
         logits = self.fc(final)
         if self.aux is not None:

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .pooling import global_avg_pool
+
 
 def _bn(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm that tolerates batch size 1 in training.
@@ -48,7 +50,7 @@ class SPNetRouter(nn.Module):
         _init_bias(self.fc2, bias_init, options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        h = self.fc1(global_avg_pool(x))
         return self.fc2(self.drop(F.relu(_bn(self.bn, h))))
 
 
@@ -68,7 +70,7 @@ class AIGGate(nn.Module):
         _init_bias(self.fc2, bias_init, options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(_bn(self.bn, self.fc1(F.adaptive_avg_pool2d(x, 1))))
+        h = F.relu(_bn(self.bn, self.fc1(global_avg_pool(x)[:, :, None, None])))
         return torch.flatten(self.fc2(h), 1)
 
 
@@ -125,7 +127,7 @@ class RelationalRouter(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, context: list[torch.Tensor] | None = None) -> torch.Tensor:
-        s_tilde = F.relu(_bn(self.bn, self.fc1(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
+        s_tilde = F.relu(_bn(self.bn, self.fc1(global_avg_pool(x))))
         s = F.relu(self.gcn(self.aggregate(s_tilde, context)))
         if context is not None:
             context.append(s)
