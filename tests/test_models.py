@@ -318,7 +318,7 @@ def test_router_modules() -> None:
 def test_global_avg_pool_matches_adaptive_pool(fmt, dtype) -> None:
     """Same values and input gradients as ``F.adaptive_avg_pool2d(x, 1)`` (bitwise), with the pooling's gradient
     added to a convolution's as in a router (its speed is measured by tools/bench_step.py, BENCHMARKS.md)."""
-    from spnet_dist.models.pooling import global_avg_pool
+    from spnet_dist.models.lean_ops import global_avg_pool
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 8, 5, 7, generator=gen).to(dtype).contiguous(memory_format=fmt)
@@ -334,3 +334,27 @@ def test_global_avg_pool_matches_adaptive_pool(fmt, dtype) -> None:
     assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
     with pytest.raises(ValueError, match="B×C×H×W"):
         global_avg_pool(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_gated_residual_gradients_match_the_plain_formula(fmt) -> None:
+    """``sc + z·r`` with the custom backward: torch.autograd.gradcheck in float64, and the same values and
+    gradients as the plain broadcast formula in float32 (the gate z continuous here, so ∂/∂z is exercised)."""
+    from spnet_dist.models.lean_ops import gated_residual
+
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(dtype):
+        return [torch.randn(3, 4, 5, 6, generator=gen, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(),
+                torch.randn(3, 4, 5, 6, generator=gen, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(),
+                torch.rand(3, generator=gen, dtype=dtype).requires_grad_()]
+
+    assert torch.autograd.gradcheck(gated_residual, inputs(torch.float64))
+    sc, r, z = inputs(torch.float32)
+    w = torch.randn(3, 4, 5, 6, generator=gen)
+    grads = []
+    for f in (lambda a, b, c: a + b * c.view(-1, 1, 1, 1), gated_residual):
+        out = f(sc, r, z)
+        grads.append((out.detach(), *torch.autograd.grad((out * w).sum(), (sc, r, z))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

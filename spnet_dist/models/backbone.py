@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lean_ops import gated_residual
+
 VARIANTS = ("v1", "v1.5")
 STEMS = ("imagenet", "cifar")
 
@@ -46,9 +48,9 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """out = ReLU(shortcut(x) + z·F(x)); z (shape B) = None means z = 1."""
         r = self.branch(x)
-        if z is not None:
-            r = r * z.to(r.dtype).view(-1, 1, 1, 1)
-        return F.relu(self.shortcut(x) + r)
+        if z is None:
+            return F.relu(self.shortcut(x) + r)
+        return F.relu(gated_residual(self.shortcut(x), r, z))
 
 
 class Bottleneck(_Block):

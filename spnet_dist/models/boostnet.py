@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dynamic_resnet import DynamicResNet
-from .pooling import global_avg_pool
+from .lean_ops import global_avg_pool
 
 
 class _GradScale(torch.autograd.Function):

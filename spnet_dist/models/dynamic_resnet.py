@@ -17,7 +17,7 @@ from .backbone import BLOCKS, init_backbone, make_stage, stem_modules
 from .gumbel import gumbel_st
 from .heads import MultiStageHeads
 from .output import ModelOutput
-from .pooling import global_avg_pool
+from .lean_ops import global_avg_pool
 from .routers import build_router
 
 EXECUTION_MODES = ("dense", "skip")
