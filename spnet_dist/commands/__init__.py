@@ -19,6 +19,9 @@ VERBS: dict[str, tuple[str, str]] = {
     'check-data': ('check_data',
         'check data.root (Hydra overrides as for train): layout, train/val classes, counts per class, empty '
         'folders, undecodable files; prints a JSON report, exit 1 when something would break training'),
+    'study': ('study',
+        'cost-accuracy study: a static ResNet, then every --methods x --targets fine-tuned from it (resumable; '
+        'MLflow parent run with the frontier on relative axes; last line: JSON)'),
     'frontier': ('frontier',
         "cost-accuracy Pareto frontier (MACs per image vs top-1) of an experiment's finished runs, logged to "
         "MLflow as a run named 'frontier'"),

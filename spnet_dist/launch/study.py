@@ -1,0 +1,185 @@
+"""`spnet study`: a cost–accuracy study as the papers run one — a static ResNet trained first, then every method ×
+target rate fine-tuned from its weights (``model.pretrained``), each an MLflow run of one experiment, tagged with
+the study and nested under a parent run that holds the frontier on relative axes.
+
+Runs execute one after another as ``spnet train`` subprocesses (``--cluster P``: as ``spnet submit`` jobs, the
+fine-tunes all at once once the static job is done). A re-run of the same study (same ``--name``, experiment and
+tracking store) skips every run MLflow lists as finished and resumes an interrupted one from its checkpoint
+(``resume=auto`` in its own checkpoint folder, ``<checkpoint.dir>/<study>/<run key>``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import SpnetError
+
+log = logging.getLogger("spnet.study")
+
+
+class StudyError(SpnetError):
+    """A study run failed or its results are missing; the message names the run and how to continue."""
+
+
+@dataclass
+class StudyRun:
+    key: str                      # "static" or "<method>-t<target>"
+    method: str
+    target_rate: float | None
+    overrides: list[str]
+    checkpoint_dir: str
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudySpec:
+    name: str
+    methods: list[str]
+    targets: list[float]
+    overrides: list[str]
+    static_epochs: int | None = None
+    epochs: int | None = None
+    static_checkpoint: str | None = None
+    finetune_lr: float | None = None
+    calibration_batches: int = 16
+    cluster: str | None = None
+
+
+def run_key(method: str, target: float | None) -> str:
+    return "static" if target is None else f"{method}-t{target:g}"
+
+
+def plan_runs(spec: StudySpec, cfg: Any) -> list[StudyRun]:
+    """The static run (unless ``--static`` names a checkpoint) and every method × target, with their overrides."""
+    base = Path(str(cfg.checkpoint.dir)) / spec.name
+    user = [o for o in spec.overrides if o.split("=", 1)[0].lstrip("+~") not in ("checkpoint.dir", "name", "resume")]
+    static_dir = spec.static_checkpoint or str(base / "static")
+    runs = []
+    if spec.static_checkpoint is None:
+        runs.append(StudyRun("static", "static", None, [
+            *user, "method=static", f"checkpoint.dir={static_dir}", f"name={spec.name}/static", "resume=auto",
+            *([f"trainer.epochs={spec.static_epochs}"] if spec.static_epochs else [])], static_dir))
+    lr = spec.finetune_lr if spec.finetune_lr is not None else 0.1 * float(cfg.optim.lr)
+    for m in spec.methods:
+        for t in spec.targets:
+            key = run_key(m, t)
+            ckpt = str(base / key)
+            runs.append(StudyRun(key, m, t, [
+                *user, f"method={m}", f"method.target_rate={t}", f"model.pretrained={static_dir}",
+                f"optim.lr={lr:g}", f"eval.gate_calibration_batches={spec.calibration_batches}",
+                f"checkpoint.dir={ckpt}", f"name={spec.name}/{key}", "resume=auto",
+                *([f"trainer.epochs={spec.epochs}"] if spec.epochs else [])], ckpt))
+    return runs
+
+
+def _train_local(run: StudyRun) -> dict[str, Any]:
+    """``spnet train`` in a subprocess (a fresh process per run: no state shared between runs); its stderr
+    streams through, its last stdout line is the run's JSON summary."""
+    cmd = [sys.executable, "-m", "spnet_dist.cli", "train", *run.overrides]
+    log.info("study run %s: spnet train %s", run.key, " ".join(run.overrides))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if proc.returncode != 0 or not lines:
+        raise StudyError(f"study run {run.key!r} failed (exit {proc.returncode}); its output is above. Fix the "
+                         f"cause and run the same `spnet study` command again: finished runs are skipped and this "
+                         f"one resumes from its checkpoint in {run.checkpoint_dir}")
+    return json.loads(lines[-1])
+
+
+def _train_cluster(runs: list[StudyRun], cluster: str) -> list[dict[str, Any]]:
+    """Submit every run as a `spnet submit` job, then wait for all of them (through requeues)."""
+    from . import jobs as J
+    from .submit import submit
+
+    entries = []
+    for run in runs:
+        out = submit(run.overrides, cluster=cluster)
+        entries.append(J.find(J.default_folder(), out["job_id"]))
+    results = []
+    for run, o in zip(runs, J.wait(entries)):
+        if not o["ok"] or not isinstance(o["result"], dict):
+            raise StudyError(f"study run {run.key!r} (SLURM job {o.get('job_id', '?')}) ended {o['state']}: "
+                             f"{o['result'] if isinstance(o['result'], str) else 'no summary'}; "
+                             f"`spnet jobs tail` shows its log; run the same `spnet study` command to continue")
+        results.append(o["result"])
+    return results
+
+
+def study(spec: StudySpec) -> dict[str, Any]:
+    """Run (or continue) the study; returns the JSON summary that `spnet study` prints last."""
+    from ..config import compose
+    from ..preflight import preflight
+    from ..tracking import study_runs as S
+
+    cfg = compose(spec.overrides)
+    for m in spec.methods:  # every run's config and the data, checked before the first run starts
+        preflight(compose([*spec.overrides, f"method={m}", "method.target_rate=0.5"]))
+    uri, experiment = str(cfg.tracking.uri), str(cfg.tracking.experiment)
+    runs = plan_runs(spec, cfg)
+    parent = S.parent_run(uri, experiment, spec.name, spec_dict(spec))
+    finished = S.finished_runs(uri, experiment, spec.name)
+    todo = [r for r in runs if r.key not in finished]
+    for r in runs:
+        if r.key in finished:
+            log.info("study run %s: finished in MLflow run %s, skipped", r.key, finished[r.key])
+    static_first = [r for r in todo if r.key == "static"]
+    for batch in (static_first, [r for r in todo if r.key != "static"]):
+        if not batch:
+            continue
+        if spec.cluster:
+            for r, s in zip(batch, _train_cluster(batch, spec.cluster)):
+                S.tag_study_run(uri, s, spec.name, r.key, parent)
+        else:
+            for r in batch:  # tagged as each one finishes: a later failure leaves it skippable
+                S.tag_study_run(uri, _train_local(r), spec.name, r.key, parent)
+    static = (S.static_point(uri, experiment, spec.name) if spec.static_checkpoint is None
+              else static_from_checkpoint(spec.static_checkpoint, spec.overrides))
+    points = S.study_points(uri, experiment, spec.name, [r.key for r in runs if r.key != "static"])
+    return S.finish(uri, parent, spec.name, experiment, static, points)
+
+
+def static_from_checkpoint(checkpoint: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """The baseline point of ``--static <checkpoint>``: that checkpoint evaluated on this study's data."""
+    from ..engine.eval_checkpoint import eval_checkpoint
+
+    res = eval_checkpoint([*overrides, f"checkpoint={checkpoint}"])
+    return {"top1": float(res["top1"]), "macs_per_image": float(res["macs_per_image"]),
+            "mlflow_run_id": res.get("mlflow_run_id")}
+
+
+def spec_dict(spec: StudySpec) -> dict[str, Any]:
+    return {"name": spec.name, "methods": spec.methods, "targets": spec.targets, "overrides": spec.overrides,
+            "static_epochs": spec.static_epochs, "epochs": spec.epochs, "static": spec.static_checkpoint,
+            "finetune_lr": spec.finetune_lr, "calibration_batches": spec.calibration_batches,
+            "cluster": spec.cluster}
+
+
+def print_table(summary: dict[str, Any], out: Any = sys.stderr) -> None:
+    st = summary["static"]
+    print(f"study {summary['study']!r} (experiment {summary['experiment']!r}): static top-1 {st['top1']:.4f}, "
+          f"{st['macs_per_image'] / 1e6:.2f} MMACs/image", file=out)
+    print(f"{'run':<18}{'top-1':>8}{'Δ top-1':>9}{'MACs ÷ static':>15}{'eval rate':>11}{'train rate':>12}"
+          f"{'target':>8}  frontier", file=out)
+    for p in summary["runs"]:
+        print(f"{p['key']:<18}{p['top1']:>8.4f}{100 * p['delta_top1']:>+9.2f}{p['rel_macs']:>15.3f}"
+              f"{p['exec_rate']:>11.3f}{p['train_exec_rate']:>12.3f}{p['target_rate']:>8.2f}  "
+              f"{'*' if p['on_frontier'] else ''}", file=out)
+    print(f"frontier picture: {summary['picture']}", file=out)
+
+
+def parse_targets(values: Sequence[str]) -> list[float]:
+    out = []
+    for v in values:
+        try:
+            t = float(v)
+        except ValueError:
+            t = -1.0
+        if not 0.0 < t <= 1.0:
+            raise ValueError(f"--targets takes execution rates in (0, 1], got {v!r} (e.g. --targets 0.3 0.5 0.7)")
+        out.append(t)
+    return out
