@@ -23,9 +23,11 @@ system-deps:
 
 demo: $(STAMP)
 	test -f data/tiny-imagenet/tiny_imagenet.json || $(VENV)/bin/spnet make-tiny-imagenet data/tiny-imagenet
-	$(VENV)/bin/spnet train data.root=data/tiny-imagenet trainer.epochs=6 resume=none \
-		checkpoint.dir=$(DEMO)/checkpoints tracking.uri=sqlite:///mlflow.db name=demo
-	@echo "Results: MLflow store mlflow.db (experiment 'spnet'); open it with: $(VENV)/bin/spnet ui  (http://127.0.0.1:5000)"
+	$(VENV)/bin/spnet study --name demo --methods spnet_code --targets 0.5 --static-epochs 4 --epochs 3 \
+		data.root=data/tiny-imagenet checkpoint.dir=$(DEMO)/checkpoints tracking.uri=sqlite:///mlflow.db \
+		trainer.progress=false
+	@echo "Frontier picture: $(DEMO)/checkpoints/demo/frontier_relative.png; runs in MLflow store mlflow.db" \
+		"(experiment 'spnet', parent run 'demo'): $(VENV)/bin/spnet ui  (http://127.0.0.1:5000)"
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

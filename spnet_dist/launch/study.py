@@ -140,7 +140,7 @@ def study(spec: StudySpec) -> dict[str, Any]:
     static = (S.static_point(uri, experiment, spec.name) if spec.static_checkpoint is None
               else static_from_checkpoint(spec.static_checkpoint, spec.overrides))
     points = S.study_points(uri, experiment, spec.name, [r.key for r in runs if r.key != "static"])
-    return S.finish(uri, parent, spec.name, experiment, static, points)
+    return S.finish(uri, parent, spec.name, experiment, static, points, Path(str(cfg.checkpoint.dir)) / spec.name)
 
 
 def static_from_checkpoint(checkpoint: str, overrides: Sequence[str]) -> dict[str, Any]:
@@ -169,7 +169,7 @@ def print_table(summary: dict[str, Any], out: Any = sys.stderr) -> None:
         print(f"{p['key']:<18}{p['top1']:>8.4f}{100 * p['delta_top1']:>+9.2f}{p['rel_macs']:>15.3f}"
               f"{p['exec_rate']:>11.3f}{p['train_exec_rate']:>12.3f}{p['target_rate']:>8.2f}  "
               f"{'*' if p['on_frontier'] else ''}", file=out)
-    print(f"frontier picture: {summary['picture']}", file=out)
+    print(f"frontier picture: {summary['picture']} (MLflow: {summary['picture_artifact']})", file=out)
 
 
 def parse_targets(values: Sequence[str]) -> list[float]:

@@ -155,9 +155,9 @@ def _finite(x: Any) -> bool:
 
 
 def finish(uri: str, parent: str, study: str, experiment: str, static: dict[str, Any],
-           points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Log the study's frontier to the parent run (``study.json``, ``frontier_relative.png``, metrics) and return
-    the JSON summary; the parent run ends FINISHED."""
+           points: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
+    """Log the study's frontier to the parent run (``study.json``, ``frontier_relative.png``, metrics), save the
+    picture in ``folder`` too, and return the JSON summary; the parent run ends FINISHED."""
     bad = [p["key"] for p in points if not (_finite(p["top1"]) and _finite(p["macs_per_image"]))]
     if bad or not (_finite(static.get("top1")) and _finite(static.get("macs_per_image"))):
         raise ValueError(f"study {study!r}: runs without val/top1 or val/macs_per_image: {bad or ['static']}")
@@ -167,7 +167,8 @@ def finish(uri: str, parent: str, study: str, experiment: str, static: dict[str,
                "static": static, "runs": points,
                "frontier": [{"key": p["key"], "rel_macs": p["rel_macs"], "delta_top1": p["delta_top1"]}
                             for p in front],
-               "picture": f"runs:/{parent}/frontier_relative.png"}
+               "picture": str(Path(folder) / "frontier_relative.png"),
+               "picture_artifact": f"runs:/{parent}/frontier_relative.png"}
     c = client(uri)
     from mlflow.entities import Metric
 
@@ -178,9 +179,11 @@ def finish(uri: str, parent: str, study: str, experiment: str, static: dict[str,
         metrics += [Metric(f"{p['key']}/rel_macs", p["rel_macs"], ts, 0),
                     Metric(f"{p['key']}/delta_top1", p["delta_top1"], ts, 0)]
     c.log_batch(parent, metrics=metrics)
-    c.log_figure(parent, relative_figure(points, f"Study '{study}': cost-accuracy relative to its static "
-                                                 f"ResNet (top-1 {100 * static['top1']:.2f} %)"),
-                 "frontier_relative.png")
+    fig = relative_figure(points, f"Study '{study}': cost-accuracy relative to its static ResNet "
+                                  f"(top-1 {100 * static['top1']:.2f} %)")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fig.savefig(summary["picture"])
+    c.log_figure(parent, fig, "frontier_relative.png")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "study.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         c.log_artifact(parent, str(Path(tmp) / "study.json"))

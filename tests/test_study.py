@@ -1,0 +1,69 @@
+"""`spnet study` end to end on the tiny data: a static run, ConvNet-AIG and SP-Net fine-tuned from it at one target,
+the JSON against the MLflow store, the calibrated gates at their target, and a re-run that skips finished runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import last_json, run_spnet
+
+TARGET = 0.5
+TOLERANCE = 0.05  # the study's promise for the evaluation execution rate (README "Cost–accuracy study")
+
+
+@pytest.fixture(scope="module")
+def study(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    args = ["study", "--name", "s1", "--methods", "aig", "spnet_code", "--targets", str(TARGET),
+            "--static-epochs", "2", "--epochs", "2", "--calibrate", "4", f"data.root={tiny_data}",
+            f"checkpoint.dir={tmp / 'ckpt'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "trainer.batch_size=8",
+            "trainer.progress=false", "data.image_size=32", "data.val_resize=36", "tracking.log_model=false"]
+    first = run_spnet(*args, cwd=tmp, timeout=900)
+    return tmp, args, last_json(first.stdout), first
+
+
+def test_study_json_matches_the_mlflow_store(study):
+    tmp, _, out, _ = study
+    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    static = client.get_run(out["static"]["mlflow_run_id"])
+    assert static.data.tags["method"] == "static" and static.data.tags["spnet.study.key"] == "static"
+    assert out["static"]["top1"] == static.data.metrics["val/top1"]
+    assert out["static"]["macs_per_image"] == static.data.metrics["val/macs_per_image"]
+    assert [r["key"] for r in out["runs"]] == [f"aig-t{TARGET:g}", f"spnet_code-t{TARGET:g}"]
+    for r in out["runs"]:
+        run = client.get_run(r["mlflow_run_id"])
+        m = run.data.metrics
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == out["parent_run_id"]
+        assert (r["top1"], r["macs_per_image"], r["exec_rate"]) == (m["val/top1"], m["val/macs_per_image"],
+                                                                     m["val/exec_rate"])
+        assert r["rel_macs"] == pytest.approx(m["val/macs_per_image"] / out["static"]["macs_per_image"])
+        assert r["delta_top1"] == pytest.approx(m["val/top1"] - out["static"]["top1"])
+        assert run.data.params["method.target_rate"] == str(TARGET)
+        assert run.data.params["model.pretrained"].endswith("static")
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["spnet.kind"] == "study"
+    saved = json.loads(Path(client.download_artifacts(out["parent_run_id"], "study.json", str(tmp))).read_text())
+    assert saved == out
+    assert "frontier_relative.png" in [a.path for a in client.list_artifacts(out["parent_run_id"])]
+
+
+def test_calibrated_gates_execute_their_target_rate_at_evaluation(study):
+    _, _, out, _ = study
+    for r in out["runs"]:
+        assert abs(r["exec_rate"] - TARGET) <= TOLERANCE, r
+        assert r["rel_macs"] < 1.0, r
+
+
+def test_a_rerun_skips_finished_runs_and_prints_the_same_json(study):
+    tmp, args, out, first = study
+    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("spnet")
+    before = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    again = run_spnet(*args, cwd=tmp, timeout=300)
+    after = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    assert after == before  # no run trained again, the parent run reused
+    assert again.stderr.count("skipped") == 3
+    assert last_json(again.stdout) == out
