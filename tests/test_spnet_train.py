@@ -43,6 +43,12 @@ def test_spnet_code_trains_toward_target_saves_teacher_and_skip_matches_dense(ti
     assert first > 0.7, rates  # routers start ~87% open
     assert last < first - 0.3, f"exec rate did not fall: first {first:.3f}, last {last:.3f}: {rates}"
     assert abs(last - TARGET) < abs(first - TARGET) - 0.2, rates
+    # ... and per block: the training rates of every block are logged, and their mean is the execution rate
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
+    per_block = [v for k, v in metrics.items() if k.startswith("train/rate/")]
+    assert len(per_block) == len(summary["block_rates"]) and "train/rate/layer1.0" in metrics
+    assert sum(per_block) / len(per_block) == pytest.approx(metrics["train/exec_rate"], abs=1e-6)
 
     # 2. the EMA teacher is in the checkpoint's client state, a full set of weights that differs from the student
     ckpt = Path(summary["checkpoint"])

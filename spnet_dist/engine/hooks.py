@@ -70,6 +70,12 @@ class Tracking(Hook):
         step = loop.progress.step
         if step % loop.cfg.trainer.log_every == 0:
             loop.logged = global_scalars({"loss": result.loss, **result.terms})
+            rates = result.terms.get("block_rates")  # the sampled training gates' global rates, one per block
+            if isinstance(rates, torch.Tensor) and rates.ndim == 1:
+                from ..tracking.artifacts import rate_rows
+
+                loop.logged.update({f"train/rate/{r['block']}": r["rate"]
+                                    for r in rate_rows(rates.tolist(), loop.table)})
             loop.logged["train/lr"] = self.lr.last_lr()
             loop.tracker.log_metrics(loop.logged, step=step, images_seen=loop.images_seen)
 
