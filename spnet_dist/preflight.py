@@ -56,6 +56,16 @@ def check_static(cfg: Any) -> None:
             check_stages(layers, widths)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        check_head_weights(leaves, len(layers))
+
+
+def check_head_weights(leaves: dict[str, Any], stages: int) -> None:
+    """Multi-stage heads: one ``method.head_weights`` entry per stage (the model's heads), named when not."""
+    weights = leaves.get("method.head_weights")
+    if leaves.get("method.multi_stage_heads") and isinstance(weights, list) and len(weights) != stages:
+        raise ConfigError(f"method.head_weights has {len(weights)} entries but model={leaves.get('model.name')} has "
+                          f"{stages} stages, hence {stages} heads: give {stages} weights ([stage 1, ..., final]), "
+                          f"e.g. method=spnet_cifar for the 3-stage CIFAR ResNets")
 
 
 def job_yaml(overrides: Sequence[str]) -> str:

@@ -84,6 +84,8 @@ def test_good_overrides_print_the_config():
                              "key=value or group=option"),
     (["model.layers=[1,2"], "cannot parse override 'model.layers=[1,2': no viable alternative at input '[1,2'"),
     (["modle=resnet50"], "unknown key 'modle' (from 'modle=resnet50'); did you mean model? Top-level keys: "),
+    (["method=spnet_code", "model=resnet32_cifar"],
+     "method.head_weights has 4 entries but model=resnet32_cifar has 3 stages, hence 3 heads: give 3 weights "),
     (["tracking.uri=${oc.env:SPNET_NO_SUCH_VAR}"],
      "tracking.uri=${oc.env:SPNET_NO_SUCH_VAR}: cannot resolve the interpolation: "),
 ])
