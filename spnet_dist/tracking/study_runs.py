@@ -65,7 +65,8 @@ def _point(c: Any, run: Any) -> dict[str, Any]:
     hist = c.get_metric_history(run.info.run_id, "train/exec_rate")
     last = [h.value for h in sorted(hist, key=lambda h: (h.step, h.timestamp))][-TRAIN_RATE_WINDOW:]
     target = t.get("target_rate", "")
-    return {"key": t.get(KEY_TAG, ""), "method": t.get("method", ""),
+    key = t.get(KEY_TAG, "")
+    return {"key": key, "method": key.rsplit("-t", 1)[0] if key != "static" else "static",  # the preset name
             "target_rate": float(target) if target not in ("", "None") else None,
             "top1": m.get("val/top1"), "macs_per_image": m.get("val/macs_per_image"),
             "exec_rate": m.get("val/exec_rate"),
@@ -145,7 +146,7 @@ def relative_figure(points: list[dict[str, Any]], title: str):
     ax.set_ylabel("top-1 − static top-1 (points)  -  higher is better")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 
