@@ -11,6 +11,9 @@ import pytest
 
 from spnet_dist.data.tiny import make_tiny_imagenet
 
+sys.path.insert(0, str(Path(__file__).parent))
+from slurm_fixtures import slurm_cluster  # noqa: E402,F401  (one session-wide test cluster for every module)
+
 TINY_CLASSES = 4
 # the resnet_tiny model config as a plain dict (configs/model/resnet_tiny.yaml)
 TINY_MODEL = dict(name="resnet_tiny", block="bottleneck", layers=[1, 1, 1, 1], widths=[8, 16, 32, 64],

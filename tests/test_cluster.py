@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 try:
-    from slurm_fixtures import make_cluster, require_slurm, slurm_cluster  # noqa: F401
+    from slurm_fixtures import make_cluster, require_slurm  # the cluster fixture comes from conftest
 except ImportError:  # tests/ imported as a package
-    from tests.slurm_fixtures import make_cluster, require_slurm, slurm_cluster  # noqa: F401
+    from tests.slurm_fixtures import make_cluster, require_slurm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -67,3 +67,23 @@ def test_a_rerun_skips_finished_runs_and_prints_the_same_json(study):
     assert after == before  # no run trained again, the parent run reused
     assert again.stderr.count("skipped") == 3
     assert last_json(again.stdout) == out
+
+
+def test_study_on_a_real_slurm_cluster(slurm_cluster, tiny_data, tmp_path):
+    """Slow (~2 min): `--cluster local` runs the static job, then the fine-tune job from its checkpoint, on the
+    project's test SLURM cluster (cluster/); the study's JSON names the runs the jobs trained."""
+    args = ["study", "--cluster", "local", "--name", "c1", "--methods", "aig", "--targets", "0.5", "--calibrate", "2",
+            f"data.root={tiny_data}", f"checkpoint.dir={tmp_path / 'ckpt'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "trainer.batch_size=8", "trainer.epochs=1",
+            "trainer.progress=false", "data.image_size=32", "data.val_resize=36", "tracking.log_model=false",
+            "cluster.tasks_per_node=1"]
+    env = {**slurm_cluster.environ(), "SPNET_SUBMIT_DIR": str(tmp_path / "slurm")}
+    out = last_json(run_spnet(*args, cwd=tmp_path, env=env, timeout=900).stdout)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r["key"]: r for r in out["runs"]}
+    assert list(runs) == ["aig-t0.5"]
+    tuned = client.get_run(runs["aig-t0.5"]["mlflow_run_id"])
+    static = client.get_run(out["static"]["mlflow_run_id"])
+    assert "slurm.job_id" in tuned.data.tags and "slurm.job_id" in static.data.tags
+    assert tuned.data.params["model.pretrained"] == str(tmp_path / "ckpt" / "c1" / "static")
+    assert tuned.data.tags["mlflow.parentRunId"] == out["parent_run_id"]

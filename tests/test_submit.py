@@ -22,10 +22,7 @@ import pytest
 import yaml
 from conftest import TINY_CLASSES, last_json, run_spnet, tiny_train_args
 
-try:
-    from slurm_fixtures import missing_slurm_binaries, slurm_cluster  # noqa: F401
-except ImportError:  # tests/ imported as a package
-    from tests.slurm_fixtures import missing_slurm_binaries, slurm_cluster  # noqa: F401
+from slurm_fixtures import missing_slurm_binaries  # noqa: F401  (the cluster fixture comes from conftest)
 
 from spnet_dist.launch.profile import KEYS, load_profile, split_cluster_overrides
 from spnet_dist.launch.submit import expand_sweeps

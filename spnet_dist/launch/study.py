@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import SpnetError
+from ..errors import ConfigError, SpnetError
 
 log = logging.getLogger("spnet.study")
 
@@ -57,6 +57,8 @@ def run_key(method: str, target: float | None) -> str:
 def plan_runs(spec: StudySpec, cfg: Any) -> list[StudyRun]:
     """The static run (unless ``--static`` names a checkpoint) and every method × target, with their overrides."""
     base = Path(str(cfg.checkpoint.dir)) / spec.name
+    if spec.cluster:  # the jobs' working directory need not be ours
+        base = base.absolute()
     user = [o for o in spec.overrides if o.split("=", 1)[0].lstrip("+~") not in ("checkpoint.dir", "name", "resume")]
     static_dir = spec.static_checkpoint or str(base / "static")
     runs = []
@@ -116,9 +118,15 @@ def study(spec: StudySpec) -> dict[str, Any]:
     from ..preflight import preflight
     from ..tracking import study_runs as S
 
-    cfg = compose(spec.overrides)
+    from .profile import split_cluster_overrides
+
+    profile, cluster_items, train_overrides = split_cluster_overrides(spec.overrides)
+    if (profile or cluster_items) and not spec.cluster:
+        raise ConfigError(f"{[*([f'cluster={profile}'] if profile else []), *cluster_items]} configure SLURM jobs: "
+                          f"add --cluster <profile> to run the study as jobs, or drop them to run it here")
+    cfg = compose(train_overrides)
     for m in spec.methods:  # every run's config and the data, checked before the first run starts
-        preflight(compose([*spec.overrides, f"method={m}", "method.target_rate=0.5"]))
+        preflight(compose([*train_overrides, f"method={m}", "method.target_rate=0.5"]))
     uri, experiment = str(cfg.tracking.uri), str(cfg.tracking.experiment)
     runs = plan_runs(spec, cfg)
     parent = S.parent_run(uri, experiment, spec.name, spec_dict(spec))
