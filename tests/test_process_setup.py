@@ -58,3 +58,35 @@ def test_deepspeed_ops_are_built_inside_this_environment(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "missing" / "venv"))  # cannot be created: torch's default
     extensions_dir_per_environment()
     assert "TORCH_EXTENSIONS_DIR" not in os.environ
+
+
+@pytest.mark.parametrize("no_decay_bn", [False, True])
+def test_router_lr_mult_puts_the_routers_in_their_own_group_through_the_schedule(no_decay_bn):
+    """optim.router_lr_mult: the routers (and only they) learn at lr × mult, and the LR schedule keeps the ratio
+    (its warm-up/milestone factor multiplies each group's own initial lr); mult 1 keeps the papers' single group."""
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from spnet_dist.engine.hooks import LRSchedule
+    from spnet_dist.engine.setup import build_optimizer
+    from spnet_dist.methods.build import build_from_config
+
+    model, _ = build_from_config({"name": "resnet_tiny"}, {"name": "aig"}, pretrained=False)
+    routers = {id(p) for p in model.router_parameters()}
+    optim = OmegaConf.create({"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "router_lr_mult": 10.0,
+                              "no_decay_bn": no_decay_bn, "milestones": [1], "gamma": 0.1, "warmup_epochs": 0})
+    opt = build_optimizer(model, optim)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # every parameter once
+    for g in opt.param_groups:
+        in_routers = {id(p) in routers for p in g["params"]}
+        assert len(in_routers) == 1 and g["lr"] == pytest.approx(1.0 if in_routers == {True} else 0.1)
+    sched = LRSchedule(opt, optim)
+    loop = SimpleNamespace(steps_per_epoch=2, progress=SimpleNamespace(epoch=1, batch_in_epoch=0))
+    sched.before_train(loop)  # resumed after the milestone: every group at 0.1 × its own rate
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(0.1 if {id(p) in routers for p in g["params"]} == {True} else 0.01)
+    single = build_optimizer(model, OmegaConf.merge(optim, {"router_lr_mult": 1.0, "no_decay_bn": False}))
+    assert len(single.param_groups) == 1 and isinstance(single, torch.optim.SGD)

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", type=int, default=16, metavar="BATCHES",
                    help="eval.gate_calibration_batches of the gated runs (default 16; 0 = the papers' plain "
                         "argmax gates)")
+    p.add_argument("--router-lr-mult", type=float, default=10.0, metavar="X",
+                   help="optim.router_lr_mult of the gated runs: the fresh routers learn at X x the fine-tune lr "
+                        "(default 10, i.e. at optim.lr when --finetune-lr is the default 0.1 x optim.lr)")
     p.add_argument("--cluster", default=None, help="run as `spnet submit` jobs on this cluster profile")
 
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = StudySpec(name=args.name, methods=list(args.methods), targets=parse_targets(args.targets),
                      overrides=overrides, static_epochs=args.static_epochs, epochs=args.epochs,
                      static_checkpoint=args.static, finetune_lr=args.finetune_lr,
-                     calibration_batches=args.calibrate, cluster=args.cluster)
+                     calibration_batches=args.calibrate, router_lr_mult=args.router_lr_mult, cluster=args.cluster)
     summary = study(spec)
     print_table(summary)
     return summary

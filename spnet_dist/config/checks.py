@@ -27,7 +27,7 @@ RUN_RANGES: dict[str, Range] = {
     "trainer.batch_size": (1, None, True), "trainer.nprocs": (1, None, True), "trainer.epochs": (0, None, True),
     "trainer.log_every": (1, None, True), "trainer.threads": (1, None, True),
     "optim.lr": (0, None, True), "optim.momentum": (0, 1, True), "optim.weight_decay": (0, None, True),
-    "optim.gamma": (0, None, False), "optim.warmup_epochs": (0, None, True),
+    "optim.gamma": (0, None, False), "optim.router_lr_mult": (0, None, False), "optim.warmup_epochs": (0, None, True),
     "checkpoint.every_steps": (0, None, True), "checkpoint.keep_last": (1, None, True),
     "eval.every_epochs": (1, None, True), "eval.precise_bn_batches": (0, None, True),
     "eval.gate_calibration_batches": (0, None, True),

@@ -35,7 +35,7 @@ class LRSchedule(Hook):
         self.clock.steps_per_epoch = loop.steps_per_epoch
         self._advance(loop)
         for group in self.optimizer.param_groups:
-            group["initial_lr"] = float(self.optim_cfg.lr)
+            group["initial_lr"] = float(self.optim_cfg.lr) * float(group.get("lr_mult", 1.0))  # routers: ×mult
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.optim_cfg, self.clock))
 
     def after_step(self, loop: TrainLoop, result: StepResult) -> None:

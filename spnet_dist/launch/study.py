@@ -47,6 +47,7 @@ class StudySpec:
     static_checkpoint: str | None = None
     finetune_lr: float | None = None
     calibration_batches: int = 16
+    router_lr_mult: float = 10.0
     cluster: str | None = None
 
 
@@ -73,7 +74,8 @@ def plan_runs(spec: StudySpec, cfg: Any) -> list[StudyRun]:
             ckpt = str(base / key)
             runs.append(StudyRun(key, m, t, [
                 *user, f"method={m}", f"method.target_rate={t}", f"model.pretrained={static_dir}",
-                f"optim.lr={lr:g}", f"eval.gate_calibration_batches={spec.calibration_batches}",
+                f"optim.lr={lr:g}", f"optim.router_lr_mult={spec.router_lr_mult:g}",
+                f"eval.gate_calibration_batches={spec.calibration_batches}",
                 f"checkpoint.dir={ckpt}", f"name={spec.name}/{key}", "resume=auto",
                 *([f"trainer.epochs={spec.epochs}"] if spec.epochs else [])], ckpt))
     return runs
@@ -164,6 +166,7 @@ def spec_dict(spec: StudySpec) -> dict[str, Any]:
     return {"name": spec.name, "methods": spec.methods, "targets": spec.targets, "overrides": spec.overrides,
             "static_epochs": spec.static_epochs, "epochs": spec.epochs, "static": spec.static_checkpoint,
             "finetune_lr": spec.finetune_lr, "calibration_batches": spec.calibration_batches,
+            "router_lr_mult": spec.router_lr_mult,
             "cluster": spec.cluster}
 
 
