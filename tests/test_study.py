@@ -87,3 +87,16 @@ def test_study_on_a_real_slurm_cluster(slurm_cluster, tiny_data, tmp_path):
     assert "slurm.job_id" in tuned.data.tags and "slurm.job_id" in static.data.tags
     assert tuned.data.params["model.pretrained"] == str(tmp_path / "ckpt" / "c1" / "static")
     assert tuned.data.tags["mlflow.parentRunId"] == out["parent_run_id"]
+
+
+def test_static_checkpoint_reused_by_a_second_study(study):
+    """`--static <checkpoint>`: no static run is trained; the baseline is that checkpoint evaluated on the study's
+    data (its own config decides the model: the 4-class tiny network here, not the registry's 10-class default)."""
+    tmp, args, out, _ = study
+    second = [a for a in args if a not in ("s1",)]
+    second[second.index("--name") + 1:second.index("--name") + 1] = ["s2"]
+    second += ["--static", str(tmp / "ckpt" / "s1" / "static"), "--methods", "aig", "model=resnet_tiny"]
+    res = last_json(run_spnet(*second, cwd=tmp, timeout=600).stdout)
+    assert res["static"]["top1"] == out["static"]["top1"]
+    assert res["static"]["macs_per_image"] == out["static"]["macs_per_image"]
+    assert [r["key"] for r in res["runs"]] == [f"aig-t{TARGET:g}"]

@@ -157,7 +157,9 @@ def static_from_checkpoint(checkpoint: str, overrides: Sequence[str]) -> dict[st
     """The baseline point of ``--static <checkpoint>``: that checkpoint evaluated on this study's data."""
     from ..engine.eval_checkpoint import eval_checkpoint
 
-    res = eval_checkpoint([*overrides, f"checkpoint={checkpoint}"])
+    # the checkpoint's own config decides the model; the study's data and evaluation keys apply
+    data = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").startswith(("data.", "eval."))]
+    res = eval_checkpoint([*data, f"checkpoint={checkpoint}"])
     return {"top1": float(res["top1"]), "macs_per_image": float(res["macs_per_image"]),
             "mlflow_run_id": res.get("mlflow_run_id")}
 
