@@ -12,7 +12,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+
     from ..config import compose
+
+    # Ctrl-C stops the UI even when started from a shell that ignores SIGINT (a background `&` job inherits that)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from ..tracking.ui import serve
 
     cfg = compose(args.overrides)
