@@ -3,13 +3,12 @@ relative axes (MACs ÷ static MACs, top-1 − static top-1) and the JSON summary
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .frontier import pareto_flags
+from .frontier import _finite, pareto_flags
 from .reference import reference_points
 from .runs import client, experiment_id
 
@@ -44,10 +43,7 @@ def parent_run(uri: str, experiment: str, study: str, spec: dict[str, Any]) -> s
 
 def finished_runs(uri: str, experiment: str, study: str) -> dict[str, str]:
     """Run key -> MLflow run id of the study's finished runs."""
-    c = client(uri)
-    flt = f"tags.`{STUDY_TAG}` = '{study}' and attributes.status = 'FINISHED'"
-    return {r.data.tags[KEY_TAG]: r.info.run_id for r in _search(c, experiment_id(c, experiment), flt)
-            if KEY_TAG in r.data.tags and r.data.tags.get(KIND_TAG) != "study"}
+    return {k: r.info.run_id for k, r in _runs_by_key(uri, experiment, study)[1].items()}
 
 
 def tag_study_run(uri: str, summary: dict[str, Any], study: str, key: str, parent: str) -> None:
@@ -77,7 +73,8 @@ def _runs_by_key(uri: str, experiment: str, study: str) -> tuple[Any, dict[str, 
     c = client(uri)
     found = _search(c, experiment_id(c, experiment), f"tags.`{STUDY_TAG}` = '{study}' and "
                                                      f"attributes.status = 'FINISHED'")
-    return c, {r.data.tags[KEY_TAG]: r for r in found if KEY_TAG in r.data.tags}
+    return c, {r.data.tags[KEY_TAG]: r for r in found
+               if KEY_TAG in r.data.tags and r.data.tags.get(KIND_TAG) != "study"}
 
 
 def static_point(uri: str, experiment: str, study: str) -> dict[str, Any]:
@@ -149,10 +146,6 @@ def relative_figure(points: list[dict[str, Any]], title: str):
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def finish(uri: str, parent: str, study: str, experiment: str, static: dict[str, Any],
