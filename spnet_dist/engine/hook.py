@@ -10,6 +10,8 @@ The loop calls every hook, in list order, at these points::
     after_save(path)                   after every checkpoint
     after_epoch                        after an epoch's last step (``progress.epoch`` already counts it)
     after_train                        once at the end, also after a stop signal (``loop.preempted``); in reverse order
+    on_failure(error)                  instead of after_train when the run ends in an exception; in reverse order;
+                                       local work only (another rank may be gone: no collectives)
 
 A hook with state that must survive a restart returns it from ``state_dict`` (the checkpoint stores it under the
 hook's ``name``) and takes it back in ``load_state_dict``.
@@ -67,6 +69,9 @@ class Hook:
         pass
 
     def after_train(self, loop: "TrainLoop") -> None:
+        pass
+
+    def on_failure(self, loop: "TrainLoop", error: BaseException) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:

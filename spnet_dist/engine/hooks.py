@@ -53,7 +53,7 @@ class LRSchedule(Hook):
 
 class Tracking(Hook):
     """Starts (or continues) the MLflow run, logs params, per-step scalars, evaluations, checkpoints and the final
-    model; marks the run FINISHED, or KILLED after a stop signal. Calls the tracker on every rank (it is a no-op
+    model; marks the run FINISHED, KILLED after a stop signal, FAILED after an exception. Calls the tracker on every rank (it is a no-op
     off rank 0); the scalar average is a collective."""
 
     def __init__(self, lr: LRSchedule) -> None:
@@ -91,6 +91,11 @@ class Tracking(Hook):
     def after_train(self, loop: TrainLoop) -> None:
         loop.tracker.log_final(loop.method.eval_model(loop.engine.module), loop.last_ckpt, final=not loop.preempted)
         loop.progress.run_id = loop.tracker.finish("KILLED" if loop.preempted else "FINISHED") or loop.progress.run_id
+
+    def on_failure(self, loop: TrainLoop, error: BaseException) -> None:
+        """The run ends in an exception: FAILED (KILLED for Ctrl-C), never left RUNNING; a requeued job or a
+        ``resume=auto`` reopens the same run."""
+        loop.tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
 
 
 class Evaluation(Hook):

@@ -119,6 +119,18 @@ class TrainLoop:
 
     # ------------------------------------------------------------------------------------------- the run
     def run(self) -> None:
+        """Train (see the class docstring); an exception fires ``on_failure`` on every hook, then propagates."""
+        try:
+            self._run()
+        except BaseException as err:
+            for hook in reversed(self.hooks):
+                try:
+                    hook.on_failure(self, err)
+                except Exception as inner:  # noqa: BLE001 - the first error is the one to report
+                    log.warning("hook %s could not record the failure: %s", type(hook).__name__, inner)
+            raise
+
+    def _run(self) -> None:
         t_start = time.perf_counter()
         self.fire("before_train")
         while not self.stop:
