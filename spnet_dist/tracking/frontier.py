@@ -157,8 +157,11 @@ def frontier(uri: str, experiment: str, reference: bool = False) -> dict[str, An
     if uri.startswith(("http://", "https://")):  # an unreachable server: fail in seconds, not after minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    from .sqlite_init import ensure_sqlite_store
+
     try:
+        ensure_sqlite_store(uri)  # a fresh SQLite store: created once, under a lock
+        client = mlflow.MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
     except Exception as err:  # noqa: BLE001 - an unreachable server: one clear message
         raise ValueError(f"cannot read MLflow store {uri}: {' '.join(str(err).split())[:300]}") from None

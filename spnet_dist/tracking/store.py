@@ -8,6 +8,8 @@ It imports neither the spool nor the tracker (both use it).
 from __future__ import annotations
 
 import logging
+import random
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +20,9 @@ log = logging.getLogger(__name__)
 # MLflow error codes meaning "the store answered and refused this request": retrying cannot help.
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                     "BAD_REQUEST", "INVALID_STATE", "NOT_FOUND", "MALFORMED_REQUEST"}
+# SQLite "database is locked" (MLflow's 20 s busy timeout ran out, or SQLite refused to wait to avoid a deadlock
+# between writers): retried for up to BUSY_RETRY_S, ~0.5, 1, 1.5 ... s apart, before the outbox spools.
+BUSY_RETRY_S, BUSY_BACKOFF_S = 30.0, 0.5
 LOCAL_PREFIX = "local-"
 LOCAL_TAG = "spnet.local_run_id"
 
@@ -55,13 +60,17 @@ class Store:
     def __init__(self, uri: str, experiment: str, staged: StagedFiles):
         import mlflow
 
+        from .sqlite_init import ensure_sqlite_store
+
         self.uri, self.experiment, self.staged = str(uri), str(experiment), staged
+        ensure_sqlite_store(self.uri)  # a fresh SQLite file: created and migrated once, under a lock
         mlflow.set_tracking_uri(self.uri)
         self._mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
         self._ids: dict[str, str] = {}  # run key -> MLflow run id
         self._experiment_ids: dict[str, str] = {}
         self._skipped_ops: set[str] = set()
+        self.busy_retries = 0  # "database is locked" retries so far
 
     def experiment_id(self, name: str) -> str:
         if name not in self._experiment_ids:
@@ -114,7 +123,25 @@ class Store:
         return True
 
     def apply(self, rec: dict[str, Any], replaying: bool = False) -> Any:
-        """Apply one record; returns the run's MLflow id. ``replaying``: the record may have been applied before."""
+        """Apply one record; returns the run's MLflow id. ``replaying``: the record may have been applied before.
+        SQLite's "database is locked" (other writers on the same file) is retried here a few times, as a replay
+        (idempotent), before it propagates and the outbox spools."""
+        from .sqlite_init import is_sqlite_busy
+
+        deadline, attempt = time.monotonic() + BUSY_RETRY_S, 0
+        while True:
+            try:
+                return self._apply(rec, replaying or attempt > 0)
+            except Exception as err:  # noqa: BLE001
+                if not is_sqlite_busy(err) or time.monotonic() >= deadline:
+                    raise
+                attempt += 1
+                self.busy_retries += 1
+                log.info("SQLite store %s busy applying a %r record (%s); retry %d", self.uri, rec["op"],
+                         short(err), attempt)
+                time.sleep(BUSY_BACKOFF_S * attempt * (0.5 + random.random()))
+
+    def _apply(self, rec: dict[str, Any], replaying: bool) -> Any:
         from mlflow.entities import Metric, Param, RunTag
 
         op, c = rec["op"], self.client

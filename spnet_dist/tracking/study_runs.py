@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 from .frontier import _finite, pareto_flags
 from .reference import reference_points
-from .runs import client, experiment_id
+from .runs import experiment_id
+from .sqlite_init import client  # MlflowClient after the one-time creation of a fresh SQLite store
 
 STUDY_TAG, KEY_TAG, KIND_TAG, PARENT_TAG = "spnet.study", "spnet.study.key", "spnet.kind", "mlflow.parentRunId"
 TRAIN_RATE_WINDOW = 20  # train_exec_rate = mean of the last this many logged (Gumbel-sampled) training rates

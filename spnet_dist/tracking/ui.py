@@ -58,6 +58,9 @@ def healthy(url: str, timeout: float = 1.0) -> bool:
 def start_server(uri: str, host: str = "127.0.0.1", port: int = 5000, artifacts_destination: str | None = None,
                  log: str | Path | None = None, cwd: str | Path | None = None) -> subprocess.Popen:
     """Start the server in its own session (stdout/stderr to ``log`` if given); does not wait for it."""
+    from .sqlite_init import ensure_sqlite_store
+
+    ensure_sqlite_store(uri, cwd)  # a fresh SQLite store is created once, not raced by trainings starting now
     out = open(log, "ab") if log else None
     try:
         return subprocess.Popen(server_command(uri, host, port, artifacts_destination), env=server_env(),
