@@ -5,13 +5,18 @@ ranges declared by what reads each key — ``data.options``, ``models.registry``
 ``method.name``, and the run's own keys in ``config.checks``), required values (``???``), this machine (a GPU
 for ``data.decode=mixed``, cores for ``trainer.nprocs``) and the data plan (``data.preflight.plan_data``:
 layout, train/val classes, undecodable files per ``data.scan``/``data.on_corrupt``, ``model.num_classes``,
-batch size vs. dataset), ``model.pretrained``. It writes the data's class count into ``model.num_classes=auto``
+batch size vs. dataset), ``model.pretrained``, and that ``checkpoint.dir`` and the MLflow spool folder are
+writable (``check_folders``: a write probe). The static part also knows the scheme of ``tracking.uri``
+(``check_tracking_uri``) and the range of ``tracking.ui.port``. It writes the data's class count into ``model.num_classes=auto``
 and returns the ``DataPlan`` the trainer and its loaders use, or raises one ConfigError / ValueError. ``spnet
 submit`` runs the machine-independent part on the login node.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import OmegaConf
@@ -24,6 +29,43 @@ from .data.preflight import DataPlan, num_classes_setting, plan_data, resolve_nu
 from .osutil import usable_cores
 
 
+TRACKING_RANGES: dict[str, Range] = {"tracking.ui.port": (1, 65535, True)}  # `spnet ui`
+# the tracking-store schemes of MLflow (its store registry; a database URI may name a driver: postgresql+psycopg2)
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc",
+                    "uc")
+_URI_EXAMPLES = "sqlite:///mlflow.db, http://<server>:<port>, a folder"
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes that MLflow plugins add (entry points ``mlflow.tracking_store``), read without importing MLflow."""
+    from importlib.metadata import entry_points
+
+    try:
+        return {ep.name.lower() for ep in entry_points(group="mlflow.tracking_store")}
+    except Exception:  # noqa: BLE001 - broken package metadata: the built-in list only
+        return set()
+
+
+def check_tracking_uri(uri: Any, key: str = "tracking.uri") -> None:
+    """``uri`` has a scheme MLflow can store runs under (see ``TRACKING_SCHEMES``; plain paths are file stores,
+    and so is a one-letter scheme, a Windows drive); otherwise one ConfigError with the closest known scheme."""
+    from urllib.parse import urlparse
+
+    if not isinstance(uri, str) or not uri or uri == "???":
+        return
+    try:
+        scheme = urlparse(uri).scheme.lower()
+    except ValueError as err:
+        raise ConfigError(f"{key}={uri!r} is not a URI ({err}); use e.g. {_URI_EXAMPLES}") from None
+    base = scheme.split("+", 1)[0]
+    if len(scheme) <= 1 or base in TRACKING_SCHEMES or scheme in _plugin_schemes():
+        return
+    close = difflib.get_close_matches(base, TRACKING_SCHEMES, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ConfigError(f"{key}={uri!r}: unknown scheme {scheme!r}; {hint}MLflow stores runs under "
+                      f"{', '.join(s + ':' for s in TRACKING_SCHEMES[:-2])} or a plain folder, e.g. {_URI_EXAMPLES}")
+
+
 def rules(method_name: Any = None) -> tuple[dict[str, tuple], dict[str, Range]]:
     """(choices, ranges) by key, in checking order: data, run, model, method (of the method ``method_name``;
     ``method.name`` itself from the method registry)."""
@@ -31,7 +73,7 @@ def rules(method_name: Any = None) -> tuple[dict[str, tuple], dict[str, Range]]:
     from .models.registry import CONFIG_CHOICES as MODEL_CHOICES, CONFIG_RANGES as MODEL_RANGES
 
     choices = {**DATA_CHOICES, **RUN_CHOICES, **MODEL_CHOICES, "method.name": tuple(METHODS)}
-    ranges = {**RUN_RANGES, **DATA_RANGES, **MODEL_RANGES}
+    ranges = {**RUN_RANGES, **DATA_RANGES, **MODEL_RANGES, **TRACKING_RANGES}
     method = METHODS.get(method_name) if isinstance(method_name, str) else None
     if method is not None:
         choices.update(method.config_choices)
@@ -44,6 +86,7 @@ def check_static(cfg: Any) -> None:
     check_config(cfg)
     leaves = dict(walk_leaves(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
     check_values(leaves, *rules(leaves.get("method.name")))
+    check_tracking_uri(leaves.get("tracking.uri"))
     try:
         num_classes_setting(leaves.get("model.num_classes"))
     except ValueError as err:
@@ -117,6 +160,57 @@ def check_pretrained(cfg: Any) -> None:
                           f"own, e.g. checkpoint.dir={own.parent / (own.name + '_' + str(cfg.method.name))}")
 
 
+PROBE_PREFIX = ".spnet-write-probe-"
+
+
+def probe_writable(key: str, folder: Any, keep: bool = True) -> None:
+    """``folder`` (the value of config key ``key``) can hold this run's files: create it (parents too) when
+    missing, write and delete a small file in it. ``keep=False`` removes again the folders the probe created (a
+    check for somebody else: `spnet submit` on the login node), so the probe leaves no trace. One ConfigError
+    naming the key, the path, the OS reason and what to do."""
+    path = Path(str(folder)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={folder} is a file, not a folder; point {key} at a folder (it is created when "
+                          f"missing)")
+    created, p = [], path.absolute()
+    while not p.exists() and p != p.parent:
+        created.append(p)  # deepest first
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=path)
+        try:
+            os.write(fd, b"spnet write probe\n")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        where = f": {err.filename}" if err.filename and PROBE_PREFIX not in str(err.filename) else ""
+        raise ConfigError(f"{key}={folder} is not writable ({type(err).__name__}: {err.strerror or err}{where}); "
+                          f"point {key} at a writable folder") from None
+    finally:
+        if not keep:
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+
+def spool_folder(cfg: Any) -> str:
+    """The MLflow spool folder of a run: ``tracking.spool_dir``, else ``<checkpoint.dir>/mlflow_spool`` (as
+    ``Tracker.from_config``)."""
+    given = cfg.tracking.get("spool_dir") if "tracking" in cfg else None
+    return str(given) if given else str(Path(str(cfg.checkpoint.dir)) / "mlflow_spool")
+
+
+def check_folders(cfg: Any) -> None:
+    """The write probe of ``checkpoint.dir`` (kept: the run writes there) and of the MLflow spool folder (removed
+    again when the probe made it: the tracker makes it on rank 0)."""
+    probe_writable("checkpoint.dir", cfg.checkpoint.dir)
+    probe_writable("tracking.spool_dir", spool_folder(cfg), keep=False)
+
+
 def plan_checked(cfg: Any, world: int, scan: str | None = None) -> DataPlan:
     """``plan_data`` with the keys that do not fit the data (``model.num_classes``, ``trainer.batch_size``) as a
     ConfigError; a broken dataset stays a DataError / FileNotFoundError."""
@@ -134,6 +228,7 @@ def preflight(cfg: Any, world: int | None = None, data: bool = True) -> DataPlan
     check_static(cfg)
     check_required(cfg)
     check_machine(cfg)
+    check_folders(cfg)
     check_pretrained(cfg)
     if not data:
         return None

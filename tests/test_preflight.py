@@ -2,17 +2,22 @@
 lists only the class folders, no image folder), and the loaders — held-out subsets included — read the plan's file
 lists without listing anything again. Counted by wrapping the listing functions and ``os.scandir`` / ``os.listdir``,
 in-process for the pre-flight + one rank's loaders, and in a real `spnet train` process. Also: a loader follows the
-``Loader`` protocol and continues mid-epoch from its ``state_dict``."""
+``Loader`` protocol and continues mid-epoch from its ``state_dict``. And the checks before any work: a read-only
+checkpoint or spool folder and an unknown tracking scheme stop `spnet train` within seconds with one line, before
+DeepSpeed, DALI or MLflow is even imported; `--cfg job` probes nothing."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import pytest
 from conftest import TINY_CLASSES, tiny_train_args
@@ -147,3 +152,114 @@ def test_loaders_follow_the_protocol_and_resume_mid_epoch_from_their_state(data)
     assert [names for _, _, names in second] == rest  # the same files in the same order
     for loader in (first, second):
         loader.release()
+
+
+# ------------------------------------------------------------------ write probes and the tracking URI, before any work
+
+# the real CLI (cli.py's __main__) with an atexit hook that writes the names of the heavy packages this process
+# imported: none of DeepSpeed, DALI or MLflow may be loaded when the pre-flight stops a start
+CLI_WITH_MODULES = r'''
+import atexit, json, runpy, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(
+    m for m in sys.modules if m.split(".")[0] in ("deepspeed", "mlflow") or m.startswith("nvidia.dali")))))
+sys.argv[0] = "spnet"
+runpy.run_module("spnet_dist.cli", run_name="__main__")
+'''
+
+
+def unprivileged(folder: Path) -> list[str]:
+    """A command prefix under which the permission bits of ``folder`` hold: nothing for a normal user; for root
+    (chmod does not stop root) ``setpriv`` without CAP_DAC_OVERRIDE. Skips when ``folder`` is writable anyway."""
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root, where chmod 0o555 does not stop writes, and no setpriv to drop "
+                        "CAP_DAC_OVERRIDE")
+        prefix = [shutil.which("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(folder / 'x')!r}, 'w')"],
+                           capture_output=True)
+    if probe.returncode == 0:
+        (folder / "x").unlink()
+        pytest.skip(f"{folder} (mode 0o555) is still writable for this test's processes")
+    return prefix
+
+
+def read_only(path: Path) -> Path:
+    path.mkdir(parents=True)
+    path.chmod(0o555)
+    return path
+
+
+def spnet_stopped_early(tmp_path: Path, *args: str, prefix: Sequence[str] = ()) -> tuple[list[str], float]:
+    """Run the real `spnet` with ``args``; assert exit code 2 and that no DeepSpeed, DALI or MLflow was loaded;
+    return (stderr lines, seconds)."""
+    modules = tmp_path / "modules.json"
+    start = time.monotonic()
+    proc = subprocess.run([*prefix, sys.executable, "-c", CLI_WITH_MODULES, str(modules), *args], cwd=tmp_path,
+                          text=True, capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    assert json.loads(modules.read_text()) == [], "work started before the pre-flight stopped it"
+    return proc.stderr.splitlines(), elapsed
+
+
+def test_a_read_only_checkpoint_dir_stops_train_in_seconds_with_one_line(tiny_data, tmp_path):
+    ckpt = read_only(tmp_path / "ro_ckpt")
+    try:
+        prefix = unprivileged(ckpt)
+        args = tiny_train_args(tiny_data, tmp_path, f"checkpoint.dir={ckpt}")
+        lines, elapsed = spnet_stopped_early(tmp_path, *args, prefix=prefix)
+        assert lines == [f"spnet train: config error: checkpoint.dir={ckpt} is not writable (PermissionError: "
+                         f"Permission denied); point checkpoint.dir at a writable folder"]
+        assert elapsed < 20, elapsed  # ~2 s here: imports and the config, no model, DeepSpeed or data loader
+        assert list(ckpt.iterdir()) == [] and not (tmp_path / "mlflow.db").exists()
+        # the spool elsewhere (tracking.spool_dir): also refused before any work, naming its key
+        spool = read_only(tmp_path / "ro_spool")
+        lines, _ = spnet_stopped_early(tmp_path, *tiny_train_args(tiny_data, tmp_path, f"tracking.spool_dir={spool}"),
+                                       prefix=prefix)
+        assert lines == [f"spnet train: config error: tracking.spool_dir={spool} is not writable (PermissionError: "
+                         f"Permission denied); point tracking.spool_dir at a writable folder"]
+        assert list(spool.iterdir()) == [] and list((tmp_path / "ckpt").iterdir()) == []
+    finally:
+        for p in tmp_path.glob("ro_*"):
+            p.chmod(0o755)
+
+
+def test_an_unknown_tracking_scheme_stops_train_before_any_work(tiny_data, tmp_path):
+    lines, elapsed = spnet_stopped_early(tmp_path, *tiny_train_args(tiny_data, tmp_path,
+                                                                     "tracking.uri=sqlit:///x.db"))
+    assert len(lines) == 1 and lines[0].startswith(
+        "spnet train: config error: tracking.uri='sqlit:///x.db': unknown scheme 'sqlit'; did you mean sqlite? "), lines
+    assert elapsed < 20 and not (tmp_path / "ckpt").exists() and not (tmp_path / "x.db").exists()
+
+
+def test_probe_and_scheme_rules(tmp_path):
+    from spnet_dist.config import ConfigError
+    from spnet_dist.preflight import check_tracking_uri, probe_writable
+
+    probe_writable("checkpoint.dir", tmp_path / "a" / "b" / "c", keep=False)  # made, probed, removed again
+    assert list(tmp_path.iterdir()) == []
+    probe_writable("checkpoint.dir", tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []  # no probe file left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=rf"^checkpoint.dir={tmp_path / 'file'} is a file, not a folder; "):
+        probe_writable("checkpoint.dir", tmp_path / "file")
+    with pytest.raises(ConfigError, match=r"^checkpoint.dir=.* is not writable \((NotADirectoryError|FileExistsError)"):
+        probe_writable("checkpoint.dir", tmp_path / "file" / "sub")
+    for uri in ("sqlite:///mlflow.db", "mlruns", "/abs/mlruns", "file:///x", "http://h:5000", "https://h",
+                "postgresql+psycopg2://u@h/db", "mysql://h/db", "databricks", "databricks://profile", "C:\\mlruns"):
+        check_tracking_uri(uri)
+    for uri, hint in (("sqlit:///x.db", "did you mean sqlite?"), ("htps://h", "did you mean http"),
+                      ("s3://bucket/x", "MLflow stores runs under")):
+        with pytest.raises(ConfigError, match=rf"^tracking.uri='{re.escape(uri)}': unknown scheme .*{hint}"):
+            check_tracking_uri(uri)
+
+
+def test_printing_the_config_probes_nothing(tmp_path):
+    new = tmp_path / "not" / "yet"
+    proc = subprocess.run([sys.executable, "-m", "spnet_dist.cli", "train", "--cfg", "job", f"checkpoint.dir={new}"],
+                          cwd=tmp_path, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0 and f"dir: {new}" in proc.stdout, proc.stderr
+    assert list(tmp_path.iterdir()) == []

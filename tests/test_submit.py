@@ -224,6 +224,8 @@ def test_task_environment_and_checkpoint(monkeypatch):
     (["model.num_classes=4", "trainer.batch_size=40"], "2 rank(s) x 40 = 80 images per step"),
     (["--cluster", "example_gpu", "model.num_classes=4", "trainer.batch_size=8"], "16 rank(s) x 8"),
     (["method=spnet_code", "method.teacher_precision=fp16"], "method.teacher_precision='fp16' is not valid"),
+    (["tracking.uri=sqlit:///x.db"], "tracking.uri='sqlit:///x.db': unknown scheme 'sqlit'; did you mean sqlite?"),
+    (["tracking.ui.port=70000"], "tracking.ui.port=70000 is out of range; it must be in [1, 65535]"),
 ])
 def test_bad_input_is_one_clear_error(tiny_data, tmp_path, args, needle):
     base = [] if any(a.startswith(("data.root=", "data=")) for a in args) else [f"data.root={tiny_data}"]
@@ -231,6 +233,30 @@ def test_bad_input_is_one_clear_error(tiny_data, tmp_path, args, needle):
                   check=False)
     assert r.returncode == 2, r.stdout + r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_read_only_checkpoint_dir_is_refused_on_the_login_node(tiny_data, tmp_path):
+    """The write probe of checkpoint.dir runs before anything is submitted (not only a --dry-run); the probe of a
+    writable one leaves nothing behind."""
+    from test_preflight import read_only, unprivileged
+
+    ckpt = read_only(tmp_path / "shared" / "ro")
+    try:
+        prefix = unprivileged(ckpt)
+        proc = subprocess.run([*prefix, sys.executable, "-m", "spnet_dist.cli", "submit", "--folder",
+                               str(tmp_path / "slurm"), *job_args(tiny_data, tmp_path, f"checkpoint.dir={ckpt}")],
+                              cwd=tmp_path, text=True, capture_output=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        assert proc.stderr.splitlines() == [f"spnet submit: config error: checkpoint.dir={ckpt} is not writable "
+                                            f"(PermissionError: Permission denied); point checkpoint.dir at a "
+                                            f"writable folder"]
+        assert not (tmp_path / "slurm").exists() and list(ckpt.iterdir()) == []
+    finally:
+        ckpt.chmod(0o755)
+    r = run_spnet("submit", "--dry-run", "--folder", str(tmp_path / "slurm"),
+                  *job_args(tiny_data, tmp_path, f"checkpoint.dir={tmp_path / 'shared' / 'new' / 'ckpt'}"),
+                  cwd=tmp_path)
+    assert last_json(r.stdout)["dry_run"] and not (tmp_path / "shared" / "new").exists()
 
 
 def test_jobs_without_an_index(tmp_path):

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from ..config import ConfigError, compose
 from ..config.checks import check_required
-from ..preflight import check_static, plan_checked
+from ..preflight import check_static, plan_checked, probe_writable
 from . import jobs as J
 from .profile import executor_parameters, load_profile, sbatch_parameters, split_cluster_overrides
 from .task import SlurmTask
@@ -66,7 +66,9 @@ def _swept_keys(overrides: Sequence[str], combos: list[list[str]]) -> list[str]:
 
 def plan(overrides: Sequence[str], cluster: str | None = None, folder: str | Path | None = None,
          sweep: Sequence[str] = ()) -> dict[str, Any]:
-    """Validate everything and decide folders and per-job overrides; nothing is written."""
+    """Validate everything (the machine-independent pre-flight: keys, values, the tracking URI's scheme, the data
+    listing, a write probe of each job's checkpoint.dir) and decide folders and per-job overrides; nothing is
+    left written."""
     name, items, train_overrides = split_cluster_overrides(list(overrides) + list(sweep))
     if cluster and name and cluster != name:
         raise ConfigError(f"--cluster {cluster} and cluster={name} disagree; give one")
@@ -93,8 +95,10 @@ def plan(overrides: Sequence[str], cluster: str | None = None, folder: str | Pat
             extra.append(f"trainer.threads={profile['cpus_per_task']}")
         job_overrides = combo + extra
         cfg = compose(job_overrides)  # a bad key fails here, before anything is submitted
-        check_static(cfg)  # bad choices and ranges too
+        check_static(cfg)  # bad choices and ranges too, and the scheme of tracking.uri
         check_required(cfg)
+        # the shared folder the job will write its checkpoints to; made and removed again: nothing is left here
+        probe_writable("checkpoint.dir", cfg.checkpoint.dir, keep=False)
         first_cfg = first_cfg or cfg
         # the data must fit this job's world size (nodes x tasks per node), checked here rather than in the job
         fit = (str(cfg.data.root), str(cfg.model.num_classes), int(cfg.trainer.batch_size), world)  # or auto
