@@ -122,10 +122,48 @@ def test_redact_masks_secret_keys_uri_passwords_and_env_values(monkeypatch):
     assert params["tracking.password"] == "hunter2"  # a copy
 
 
-def test_job_yaml_masks_short_secret_values(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tk42")  # too short to refuse safely, still masked when printed
-    text = job_yaml(["name=run-tk42"])
-    assert "tk42" not in text and "name: run-***" in text
+@pytest.mark.parametrize("secret, override, refused", [
+    ("tk42", "name=tk42", True), ("tk42", "name=run-tk42", True), ("tk42", "name=runtk42x", True),
+    ("hunter2", "name=hunter2", True), ("hunter2", "tracking.experiment=exp_hunter2", True),
+    ("tk42", "+tracking.tags=[a,tk42]", True),  # strings inside lists too
+    ("ab", "name=ab", True), ("ab", "name=run-ab", True), ("ab", "name=lab", False),  # tiny: whole words only
+    ("1", "name=1", False), ("", "name=x", False), ("false", "name=false", False),  # no secrets: digits, empty, flags
+])
+def test_short_secrets_are_refused_in_every_free_text_value(monkeypatch, secret, override, refused):
+    """The value rule holds whatever the secret's length (it used to skip values under 8 characters, so
+    name=<short token> reached the MLflow run name and the checkpoint's config in clear)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)
+    if not refused:
+        assert cli("train", "--cfg", "job", override)[0] == 0
+        return
+    msg = one_error(override)
+    assert msg == (f"{override.split('=')[0].lstrip('+')} contains the value of the secret environment variable "
+                   f"MLFLOW_TRACKING_TOKEN; do not copy secrets into the config (it is printed, logged and saved)")
+
+
+def test_a_short_secret_as_run_name_stops_train_before_any_work(tiny_data, tmp_path):
+    proc = run_spnet("train", f"data.root={tiny_data}", f"checkpoint.dir={tmp_path / 'ckpt'}", "name=hunter2",
+                     cwd=tmp_path, check=False, env={"MLFLOW_TRACKING_PASSWORD": "hunter2"})
+    assert proc.returncode == 2 and proc.stdout == "" and "hunter2" not in proc.stderr
+    assert proc.stderr.splitlines() == ["spnet train: config error: name contains the value of the secret "
+                                        "environment variable MLFLOW_TRACKING_PASSWORD; do not copy secrets into "
+                                        "the config (it is printed, logged and saved)"]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--port", "70000"], "spnet ui: config error: --port 70000 is not a TCP port; choose one between 1 and 65535, "
+                          "e.g. --port 5000"),
+    (["--port", "0"], "spnet ui: config error: --port 0 is not a TCP port; choose one between 1 and 65535, "
+                      "e.g. --port 5000"),
+    (["tracking.ui.port=65536"], "spnet ui: config error: tracking.ui.port=65536 is not a TCP port; choose one "
+                                 "between 1 and 65535, e.g. tracking.ui.port=5000"),
+])
+def test_spnet_ui_with_a_port_out_of_range_is_one_line(tmp_path, args, line):
+    proc = run_spnet("ui", f"--uri=sqlite:///{tmp_path / 'mlflow.db'}", *args, cwd=tmp_path, check=False,
+                     timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.splitlines() == [line], proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_preflight_checks_this_machine_and_required_values(monkeypatch, tmp_path):

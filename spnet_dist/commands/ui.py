@@ -20,7 +20,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from ..tracking.ui import serve
 
+    from ..tracking.ui import check_port
+
     cfg = compose(args.overrides)
     ui = cfg.tracking.get("ui") or {}
-    return serve(args.uri or str(cfg.tracking.uri), host=args.host or str(ui.get("host", "127.0.0.1")),
-                 port=args.port or int(ui.get("port", 5000)))
+    # the port first: a bad one is one line (exit 2), not socket's OverflowError
+    port = check_port(args.port) if args.port is not None else check_port(ui.get("port", 5000), "tracking.ui.port")
+    return serve(args.uri or str(cfg.tracking.uri), host=args.host or str(ui.get("host", "127.0.0.1")), port=port)

@@ -1,5 +1,13 @@
 """Secrets never enter the config: ``check_secrets`` refuses them (by key name, by ``${oc.env:SECRET}``, in a URI,
-or by value); ``redact`` masks them in anything printed or logged, ``scrub`` in an error message."""
+or by value); ``redact`` masks them in anything printed or logged, ``scrub`` in an error message.
+
+The value rule covers every free-text (string) value of the config — ``name``, ``tracking.experiment``, paths,
+URIs, strings in lists — whatever the length of the secret: the value of a secret-named environment variable is
+refused anywhere inside a string when it has 4 or more characters (``MLFLOW_TRACKING_TOKEN=tk42``: ``name=tk42``,
+``name=run-tk42``, ``name=runtk42x``; the same length from which ``redact`` masks it), and a 1-3 character one
+when it is the whole string or a whole word of it (``name=ab``, ``name=run-ab``; not ``data.root=/lab``), so a
+tiny value does not turn every string holding its letters into an error. Empty values, on/off flags
+(``TOKENIZERS_PARALLELISM=false``) and numbers under 6 digits are no secrets (``secret_env_values``)."""
 from __future__ import annotations
 
 import os
@@ -79,27 +87,47 @@ def secret_key_message(path: str) -> str:
 
 
 def check_secrets(raw: dict) -> None:
-    """No secret in the config: by key name, by ${oc.env:SECRET} interpolation, in a URI, or by value."""
-    secrets = secret_env_values(min_len=8)
-    for path, value in walk_leaves(raw):
+    """No secret in the config: by key name, by ${oc.env:SECRET} interpolation, in a URI, or by value (any
+    length; see the module docstring)."""
+    secrets = secret_env_values(min_len=1)
+    for path, leaf in walk_leaves(raw):
         name = path.rsplit(".", 1)[-1]
         if is_secret_name(name):
             raise ConfigError(secret_key_message(path))
-        if not isinstance(value, str):
-            continue
-        for var in _ENV_INTERPOLATION.findall(value):
-            if is_secret_name(var):
-                raise ConfigError(f"{path} reads the secret environment variable {var} into the config, where it "
-                                  f"would be printed, logged and saved; leave it in the environment (MLflow and "
-                                  f"boto read MLFLOW_TRACKING_* / AWS_* themselves)")
-        if _URI_CREDENTIALS.search(value):
-            raise ConfigError(f"{path} holds a password inside a URI ({_redact_str(value, [])}); use the URI "
-                              f"without it and export MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
-        for secret in secrets:
-            if secret in value:
-                var = next(k for k, v in os.environ.items() if v == secret and is_secret_name(k))
-                raise ConfigError(f"{path} contains the value of the secret environment variable {var}; do not "
-                                  f"copy secrets into the config (it is printed, logged and saved)")
+        for value in _strings(leaf):
+            _check_string(path, value, secrets)
+
+
+def _check_string(path: str, value: str, secrets: list[str]) -> None:
+    for var in _ENV_INTERPOLATION.findall(value):
+        if is_secret_name(var):
+            raise ConfigError(f"{path} reads the secret environment variable {var} into the config, where it "
+                              f"would be printed, logged and saved; leave it in the environment (MLflow and "
+                              f"boto read MLFLOW_TRACKING_* / AWS_* themselves)")
+    if _URI_CREDENTIALS.search(value):
+        raise ConfigError(f"{path} holds a password inside a URI ({_redact_str(value, [])}); use the URI "
+                          f"without it and export MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    for secret in secrets:
+        if _contains_secret(value, secret):
+            var = next(k for k, v in os.environ.items() if v == secret and is_secret_name(k))
+            raise ConfigError(f"{path} contains the value of the secret environment variable {var}; do not "
+                              f"copy secrets into the config (it is printed, logged and saved)")
+
+
+def _contains_secret(value: str, secret: str) -> bool:
+    """``secret`` in ``value``: anywhere for 4 or more characters, as a whole word for shorter ones."""
+    if len(secret) >= 4:
+        return secret in value
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", value) is not None
+
+
+def _strings(value: Any) -> list[str]:
+    """The strings of a leaf value: itself, or those in a list (nested lists included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def override_key(o: str) -> str:

@@ -101,8 +101,20 @@ def stop_server(proc: subprocess.Popen, grace: float = 10.0) -> None:
         break
 
 
+def check_port(port: int, given_as: str = "--port") -> int:
+    """``port`` as an int in 1..65535, else one ConfigError naming where it came from (``given_as``)."""
+    from ..errors import ConfigError
+
+    shown = f"{given_as} {port}" if given_as.startswith("-") else f"{given_as}={port}"
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        example = "--port 5000" if given_as.startswith("-") else f"{given_as}=5000"
+        raise ConfigError(f"{shown} is not a TCP port; choose one between 1 and 65535, e.g. {example}")
+    return port
+
+
 def serve(uri: str, host: str = "127.0.0.1", port: int = 5000, ready_timeout: float = 90.0) -> int:
     """Run the UI until Ctrl-C (or SIGTERM / SIGHUP); returns the exit code."""
+    check_port(port)
     if uri.startswith(("http://", "https://")):
         print(f"tracking.uri {uri} is already an MLflow server: open {uri} in a browser", flush=True)
         return 0
