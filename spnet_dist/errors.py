@@ -9,6 +9,15 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key, the bad value and what would be right."""
 
 
+class RankLostExit(SystemExit):
+    """This rank ends because another rank died or stopped answering: exit code ``EXIT_RANK_LOST`` (76), no
+    traceback. ``diagnosis`` names the lost ranks (``engine.heartbeat``)."""
+
+    def __init__(self, code: int, diagnosis: dict) -> None:
+        super().__init__(code)
+        self.diagnosis = diagnosis
+
+
 # What the CLI reports as one line (exit code 2) instead of a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, SpnetError)
 

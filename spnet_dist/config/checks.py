@@ -24,7 +24,8 @@ RUN_CHOICES: dict[str, tuple] = {
 }
 _WHY = {"deepspeed.stage": " (ZeRO stage 3 is not available; deepspeed=zero0|zero1|zero2 set it)"}
 RUN_RANGES: dict[str, Range] = {
-    "trainer.batch_size": (1, None, True), "trainer.nprocs": (1, None, True), "trainer.epochs": (0, None, True),
+    "trainer.batch_size": (1, None, True), "trainer.nprocs": (1, None, True),
+    "trainer.collective_timeout_s": (10, None, True), "trainer.epochs": (0, None, True),
     "trainer.log_every": (1, None, True), "trainer.threads": (1, None, True),
     "optim.lr": (0, None, True), "optim.momentum": (0, 1, True), "optim.weight_decay": (0, None, True),
     "optim.gamma": (0, None, False), "optim.router_lr_mult": (0, None, False), "optim.warmup_epochs": (0, None, True),

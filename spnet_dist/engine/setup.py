@@ -1,7 +1,9 @@
 """One rank's process set-up: process group, threads and backend switches, the optimizer and DeepSpeed's config."""
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,8 +50,30 @@ def extensions_dir_per_environment() -> None:
         os.environ["TORCH_EXTENSIONS_DIR"] = str(target)
 
 
-def init_distributed() -> None:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+
+
+def loopback_store(rank: int, world: int, timeout: datetime.timedelta) -> Any:
+    """The rendezvous store of a run whose MASTER_ADDR is this host's loopback: rank 0 listens on loopback only
+    (torch's own TCPStore server listens on every interface)."""
+    import torch.distributed as dist
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(host, port, world, False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1" if host == "localhost" else host, port))
+    sock.listen(128)
+    return dist.TCPStore(host, port, world, True, timeout=timeout, master_listen_fd=sock.detach(), use_libuv=False)
+
+
+def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> None:
+    """The process group, with ``collective_timeout_s`` as the timeout of every collective (a frozen peer makes
+    gloo raise after it) and of the rendezvous. A run whose MASTER_ADDR is loopback stays on loopback."""
     import deepspeed
+    import torch.distributed as dist
 
     extensions_dir_per_environment()
     if not torch.cuda.is_available():
@@ -57,8 +81,18 @@ def init_distributed() -> None:
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                          ("MASTER_PORT", str(29500 + os.getpid() % 2000))):
         os.environ.setdefault(key, default)
-    if not D.is_dist():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if D.is_dist():
+        return
+    timeout = datetime.timedelta(seconds=float(collective_timeout_s))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local = os.environ["MASTER_ADDR"] in LOOPBACK and "TORCHELASTIC_RUN_ID" not in os.environ
+    if local:
+        if Path("/sys/class/net/lo").exists():
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets on loopback too
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=loopback_store(rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def param_groups(model: torch.nn.Module, no_decay_bn: bool, lr: float, router_lr_mult: float = 1.0
@@ -96,9 +130,13 @@ def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.SGD:
 
 def setup_process(cfg: Any) -> tuple[int, int]:
     """Signal handlers, process group, threads and backend switches of this rank; returns (rank, world size)."""
+    from . import heartbeat
+
     preempt.install()
-    init_distributed()
+    timeout_s = float(cfg.trainer.get("collective_timeout_s") or DEFAULT_COLLECTIVE_TIMEOUT_S)
+    init_distributed(timeout_s)
     rank, world = D.rank(), D.world_size()
+    heartbeat.start(rank, world, stale_s=timeout_s)  # names a rank that dies or freezes; ends a run it holds
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(cfg.trainer.threads or max(1, usable_cores() // local_world))
     # GPU path (CUDA only; CPU runs keep their exact, bitwise-resumable behaviour): cuDNN autotuning

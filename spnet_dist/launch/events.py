@@ -13,8 +13,15 @@ from ..engine.hook import Hook
 log = logging.getLogger("spnet.launch")
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative ``sqlite:///x.db`` as an absolute one (another process in another folder opens the same file)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).absolute())
+    return uri
+
+
 class RunIdEvent(Hook):
-    """Appends ``{"event": "tracking", "mlflow_run_id": ..., "step": ...}`` after the tracker started the run."""
+    """Appends ``{"event": "tracking", "mlflow_run_id": ..., "step": ..., "tracking_uri": ...}`` after the tracker started the run."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -26,6 +33,7 @@ class RunIdEvent(Hook):
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"event": "tracking", "time": time.time(), "mlflow_run_id": run_id,
-                                    "step": loop.progress.step}) + "\n")
+                                    "step": loop.progress.step, "tracking_uri": absolute_uri(
+                                        str(loop.cfg.tracking.uri))}) + "\n")
         except OSError as err:
             log.warning("could not record the MLflow run id in %s: %s", self.path, err)
