@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import CLIENT_KEY, complete_tags
+from .checkpoint import CLIENT_KEY, COMPLETE, complete_tags, problem_with
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -27,7 +27,13 @@ def find_model_file(path: str | Path) -> Path:
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """The model-states file's content, after checking its tag against the completion marker (sizes and
+    SHA-256) when the file lies in a tag folder with one."""
     f = find_model_file(path)
+    if (f.parent / COMPLETE).is_file():
+        reason = problem_with(f.parent.parent, f.parent.name)
+        if reason:
+            raise ValueError(f"checkpoint {f.parent} is damaged: {reason}; pick another tag in its checkpoint.dir")
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is an unreadable checkpoint

@@ -34,8 +34,12 @@ class LRSchedule(Hook):
     def before_train(self, loop: TrainLoop) -> None:
         self.clock.steps_per_epoch = loop.steps_per_epoch
         self._advance(loop)
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = float(self.optim_cfg.lr) * float(group.get("lr_mult", 1.0))  # routers: ×mult
+        optim = self.optim_cfg
+        for group in self.optimizer.param_groups:  # the config's values, also over a resumed optimizer state
+            group["initial_lr"] = float(optim.lr) * float(group.get("lr_mult", 1.0))  # routers: ×mult
+            group["momentum"], group["nesterov"] = float(optim.momentum), bool(optim.nesterov)
+            no_decay = bool(optim.get("no_decay_bn", False)) and all(p.ndim <= 1 for p in group["params"])
+            group["weight_decay"] = 0.0 if no_decay else float(optim.weight_decay)  # optim.no_decay_bn: 1-D
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.optim_cfg, self.clock))
 
     def after_step(self, loop: TrainLoop, result: StepResult) -> None:
@@ -64,7 +68,10 @@ class Tracking(Hook):
         tags = {"method": str(cfg.method.name), "backbone": str(cfg.model.name),
                 "target_rate": str(cfg.method.get("target_rate")), "world_size": str(loop.world)}
         loop.progress.run_id = loop.tracker.start(loop.progress.run_id, run_name(cfg), tags)
-        loop.tracker.log_params(flatten(to_container(cfg)))  # the tracker masks secrets
+        loop.tracker.log_params(flatten(to_container(cfg)))  # the tracker masks secrets; the first values stay
+        if loop.config_changes:
+            record_changes(loop)
+
 
     def after_step(self, loop: TrainLoop, result: StepResult) -> None:
         step = loop.progress.step
@@ -96,6 +103,18 @@ class Tracking(Hook):
         """The run ends in an exception: FAILED (KILLED for Ctrl-C), never left RUNNING; a requeued job or a
         ``resume=auto`` reopens the same run."""
         loop.tracker.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
+
+def record_changes(loop: TrainLoop) -> None:
+    """Settings changed at a resume: one line, and in MLflow (whose params cannot change) the new values as
+    params ``resumed/step<N>/<key>`` plus a tag listing every change with its step."""
+    from .resume_config import show
+
+    step, changes = loop.progress.step, loop.config_changes
+    if loop.rank == 0:
+        log.warning("resume at step %d with changed settings, in force from this step on: %s", step, show(changes))
+    loop.tracker.log_params({f"resumed/step{step}/{k}": new for k, _, new in changes})
+    loop.tracker.log_tags({f"spnet.config_changes.step{step}": show(changes)[:5000]})
 
 
 class Evaluation(Hook):

@@ -72,6 +72,7 @@ class TrainLoop:
         self.metrics: dict[str, Any] = {}   # the last evaluation
         self.logged: dict[str, float] = {}  # the last logged scalars (train/…)
         self.images_seen = 0
+        self.config_changes: list[tuple[str, Any, Any]] = []  # safe settings changed at this resume (key, old, new)
         self.stop = False                   # a stop signal reached some rank: save and leave
         self.preempted = False
         cl = cfg.trainer.get("channels_last")

@@ -13,19 +13,31 @@ from typing import Any, Sequence
 import torch
 
 from .. import distributed as D
-from .checkpoint import Checkpointer, resolve_resume, saved_world_size
+from ..errors import SpnetError
+from .checkpoint import Checkpointer, resolve_resume, saved_config, saved_world_size
 from .hook import Hook
 from .loop import Progress, TrainLoop
+from .resume_config import check_resume_config
 from .rng import seed_all, set_rng_state
 from .setup import build_optimizer, deepspeed_config, setup_process
 
 log = logging.getLogger("spnet.train")
 
 
-def resume_point(cfg: Any, world: int) -> tuple[tuple[Path, str] | None, bool]:
-    """The checkpoint to resume from (``cfg.resume``) and whether it was written by as many ranks as this run has;
-    refuses a world-size change where the optimizer state is partitioned per rank."""
-    found = resolve_resume(cfg.resume, cfg.checkpoint.dir)
+def resume_point(cfg: Any, world: int, skip: Sequence[str] = (), verify: bool = True
+                 ) -> tuple[tuple[Path, str] | None, bool]:
+    """The checkpoint to resume from (``cfg.resume``; rank 0 checks it — with ``verify`` also the content hashes —
+    and decides for every rank) and whether it was written by as many ranks as this run has; refuses a world-size
+    change where the optimizer state is partitioned per rank."""
+    decision: Any = None
+    if D.rank() == 0:
+        try:
+            decision = resolve_resume(cfg.resume, cfg.checkpoint.dir, verify, quiet=not verify, skip=skip)
+        except (ValueError, FileNotFoundError) as err:
+            decision = err
+    found = D.gather_objects(decision)[0]
+    if isinstance(found, Exception):
+        raise found
     same_world = found is None or saved_world_size(*found) == world
     if found and not same_world and cfg.deepspeed.stage > 0:
         raise ValueError(
@@ -37,11 +49,39 @@ def resume_point(cfg: Any, world: int) -> tuple[tuple[Path, str] | None, bool]:
     return found, same_world
 
 
-def restore(cfg: Any, engine: Any, method: Any, found: tuple[Path, str],
-            same_world: bool) -> tuple[Progress, dict[str, Any]]:
-    """Load engine, method, progress and this rank's RNG streams; returns (progress, client state)."""
+def load_resumable(cfg: Any, engine: Any, world: int) -> tuple[tuple[Path, str] | None, bool, dict[str, Any] | None]:
+    """Load the checkpoint ``resume_point`` picks into ``engine``: (found, same world, client state). A tag that
+    passes the checks but cannot be loaded on some rank is passed over with one line under ``resume=auto``
+    (an explicit ``resume=`` stops with one line); a traceback never ends a resume."""
+    failed: list[str] = []
+    while True:
+        found, same_world = resume_point(cfg, world, failed)
+        if found is None:
+            if failed:
+                raise SpnetError(f"resume=auto: no checkpoint in {cfg.checkpoint.dir} could be loaded (tried "
+                                 f"{', '.join(failed)}); move them away and rerun, or start fresh with resume=none")
+            return None, same_world, None
+        client: dict[str, Any] | None = None
+        try:
+            client = Checkpointer.load(engine, *found)
+            error = None
+        except Exception as err:  # noqa: BLE001 - any unreadable file: UnpicklingError, RuntimeError, KeyError...
+            error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        error = D.first_error(error)
+        if error is None:
+            return found, same_world, client
+        if str(cfg.resume) != "auto":
+            raise SpnetError(f"resume={cfg.resume}: checkpoint {found[0] / found[1]} could not be loaded ({error}); "
+                             f"use resume=auto to take the newest loadable one")
+        if D.rank() == 0:
+            log.warning("resume=auto: skipping checkpoint %s: it could not be loaded (%s)", found[0] / found[1], error)
+        failed.append(found[1])
+
+
+def restore(cfg: Any, method: Any, found: tuple[Path, str], client: dict[str, Any],
+            same_world: bool) -> Progress:
+    """Restore method, progress and this rank's RNG streams from the loaded client state."""
     rank, world = D.rank(), D.world_size()
-    client = Checkpointer.load(engine, *found)
     method.load_state_dict(client["method"])
     prog = Progress(**client["progress"])
     if same_world:
@@ -55,7 +95,7 @@ def restore(cfg: Any, engine: Any, method: Any, found: tuple[Path, str],
         prog.batch_in_epoch = 0
     if rank == 0:
         log.info("resumed from %s (epoch %d, step %d)", found[0] / found[1], prog.epoch, prog.step)
-    return prog, client
+    return prog
 
 
 def build_loaders(cfg: Any, method: Any, plan: Any, state: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
@@ -102,7 +142,9 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
 
     rank, world = setup_process(cfg)
     seed_all(cfg.seed)
-    found, same_world = resume_point(cfg, world)  # decided before the loaders: their state is per rank
+    early, _ = resume_point(cfg, world, verify=False)  # refusals (world size, changed settings): before any model
+    if early:
+        check_resume_config(cfg, saved_config(*early), early[0] / early[1])
 
     plan = plan if plan is not None else plan_data(cfg, world)
     resolve_num_classes(cfg, plan)  # model.num_classes=auto: a no-op after the pre-flight, which wrote the number
@@ -117,7 +159,9 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
     table = cost_table(engine.module, cfg.data.image_size)
     seed_all(cfg.seed + 1000 * rank)  # per-rank Gumbel / dropout streams
 
-    prog, client = restore(cfg, engine, method, found, same_world) if found else (Progress(), None)
+    found, same_world, client = load_resumable(cfg, engine, world)  # before the loaders: their state is per rank
+    prog = restore(cfg, method, found, client, same_world) if found else Progress()
+    changes = check_resume_config(cfg, client.get("config"), found[0] / found[1]) if found else []
     state = client["data"][rank] if client and same_world else None
     state = {"dali": state} if isinstance(state, str) else state  # checkpoints before the loader protocol
     train_loader, val_loader, train_files = build_loaders(cfg, method, plan, state)
@@ -126,6 +170,7 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
                      Tracker.from_config(cfg, enabled=rank == 0), [*standard_hooks(cfg, optimizer, ckpt), *hooks],
                      last_ckpt=found[0] / found[1] if found else None,
                      train_batches=fresh_train_pass(cfg, plan, train_files))
+    loop.config_changes = changes  # announced and recorded by the Tracking hook
     loop.load_hook_states(client.get("hooks") if client else None)
     loop.run()
     return loop.summary()

@@ -118,6 +118,12 @@ class Tracker:
             self._submit({"op": "params", "run": self.run_id,
                           "params": {k: str(v)[:6000] for k, v in redact(dict(params)).items()}})
 
+    def log_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled:
+            from ..config import redact
+
+            self._submit({"op": "tags", "run": self.run_id, "tags": {k: str(v) for k, v in redact(dict(tags)).items()}})
+
     def log_metrics(self, metrics: dict[str, float], step: int, images_seen: int | None = None) -> None:
         """Log ``metrics`` at ``step``; with ``images_seen`` (global, cumulative) also ``train/images_per_sec``."""
         if not self.enabled:
