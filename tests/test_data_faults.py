@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,12 @@ def _photo(seed: int) -> Image.Image:
 def bad_file(path: Path, kind: str, seed: int = 0) -> None:
     buf = io.BytesIO()
     img = _photo(seed)
-    if kind in ("truncated", "header"):
+    if kind in ("truncated", "header", "header_eoi"):
         img.save(buf, format="JPEG", quality=90)
         data = buf.getvalue()
-        path.write_bytes(data[: len(data) // 2] if kind == "truncated" else data[:300])
+        cut = {"truncated": data[: len(data) // 2], "header": data[:300],
+               "header_eoi": data[:300] + b"\xff\xd9"}  # header_eoi: ends in an end marker, passes the quick sniff
+        path.write_bytes(cut[kind])
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "text":
@@ -212,12 +215,80 @@ def test_a_file_dali_fails_on_at_run_time_is_named_and_recorded(data):
     assert len(_loader_files(cfg, train=False)) == CLASSES * 4
 
 
-def test_an_error_dali_does_not_attribute_points_to_check_data(data):
-    add(data, "val", [(3, "hdr.JPEG", "header")])
-    cfg = compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
-                   "data.decode=cpu", "data.scan=off", f"model.num_classes={CLASSES}"])
-    with pytest.raises(CorruptDataError, match=r"does not say which; run `spnet check-data data.root="):
-        _loader_files(cfg, train=False)
+def _val_cfg(data: Path, *extra: str):
+    return compose([f"data.root={data}", "trainer.batch_size=4", "data.image_size=32", "data.val_resize=36",
+                    "data.decode=cpu", f"model.num_classes={CLASSES}", *extra])
+
+
+def test_a_file_dali_does_not_name_is_found_by_decoding_the_shard(data):
+    """A JPEG cut after its header but ending in an end marker passes the quick sniff (data.scan=quick, the
+    default); DALI fails on it with only "nvImageCodec failure: '#3'". The loader decodes the shard's files with
+    PIL, names the file, and with on_corrupt=skip records it so the next run leaves it out."""
+    (bad,) = add(data, "val", [(3, "hdr_eoi.JPEG", "header_eoi")])
+    reason = "undecodable JPEG (OSError: Truncated File Read)"
+    with pytest.raises(CorruptDataError) as err:
+        _loader_files(_val_cfg(data, "data.on_corrupt=fail"), train=False)
+    assert str(err.value) == (f"DALI could not decode {bad} ({reason}; DALI did not name it, a decode of the "
+                              f"{CLASSES * 4 + 1} file(s) this rank reads did); replace or delete the file, or set "
+                              f"data.on_corrupt=skip")
+    with pytest.raises(CorruptDataError, match=f"DALI could not decode {bad} .*now listed as bad in .*the next run "
+                                               f"leaves it out"):
+        _loader_files(_val_cfg(data, "data.on_corrupt=skip"), train=False)
+    idx = split_index(data / "val")
+    assert idx["runtime_bad"] == {f"{bad.parent.name}/{bad.name}": f"DALI (found by decoding): {reason}"}
+    assert len(_loader_files(_val_cfg(data), train=False)) == CLASSES * 4  # the next run: every other image once
+    # the same file as a cut header without the end marker: the quick sniff catches it before DALI sees it; with
+    # data.scan=off DALI meets it, and the shard's decode names it again
+    bad.unlink()
+    (cut,) = add(data, "val", [(3, "hdr.JPEG", "header")])
+    with pytest.raises(CorruptDataError, match=rf"^DALI could not decode {cut} \(truncated JPEG .*DALI did not name"):
+        _loader_files(_val_cfg(data, "data.scan=off", "data.on_corrupt=fail"), train=False)
+
+
+def test_a_file_dali_does_not_name_stops_spnet_train_naming_it(data, tmp_path):
+    """The real CLI: the file passes the pre-flight's quick sniff, training starts, DALI fails on the first train
+    batch; the one error line names the file."""
+    (bad,) = add(data, "train", [(1, "hdr_eoi.JPEG", "header_eoi")])
+    proc = run_spnet(*args(data, tmp_path, "data.on_corrupt=fail", "trainer.max_steps=2"), cwd=tmp_path,
+                     check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("spnet train: error: ")]
+    assert errors == [f"spnet train: error: DALI could not decode {bad} (undecodable JPEG (OSError: Truncated File "
+                      f"Read); DALI did not name it, a decode of the {CLASSES * 10 + 1} file(s) this rank reads "
+                      f"did); replace or delete the file, or set data.on_corrupt=skip"], proc.stderr[-3000:]
+
+
+def test_when_the_decode_finds_nothing_the_message_says_so(data, tmp_path):
+    """A real DALI error without a file name, handed to the loader's translation for a shard whose files all
+    decode (no corruption that DALI fails on and PIL decodes could be made: it is the case of a file changed since,
+    or of DALI's own failure): no file named, no data.scan=quick advice when the scan was on."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from spnet_dist.data.dali import LoaderSpec, translate_dali_error
+
+    bad = tmp_path / "hdr_eoi.JPEG"
+    bad_file(bad, "header_eoi")
+
+    @pipeline_def
+    def pipe():
+        jpegs, _ = fn.readers.file(files=[str(bad)], name="R")
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+
+    p = pipe(batch_size=1, num_threads=1, device_id=None)
+    p.build()
+    with pytest.raises(RuntimeError) as dali_err:
+        p.run()
+    assert str(bad) not in str(dali_err.value)  # DALI does not name it
+    spec = LoaderSpec(root=str(data / "val"), batch_size=4, shard_id=0, num_shards=1, train=False, crop=32,
+                      val_resize=36)
+    msg = str(translate_dali_error(dali_err.value, spec))
+    assert msg.startswith(f"DALI could not decode an image in {data / 'val'} (nvImageCodec failure") and msg.endswith(
+        f"and does not say which; a full decode of the {CLASSES * 4} file(s) this rank reads found no undecodable "
+        f"one (data.scan=quick found nothing either); run `spnet check-data data.root={data}` to check the whole "
+        f"dataset"), msg
+    msg = str(translate_dali_error(dali_err.value, replace(spec, scan="off")))
+    assert msg.endswith("or train with data.scan=quick (the default) so undecodable files are found before "
+                        "training"), msg
 
 
 def test_missing_val_class_fails_before_training_with_one_line(data, tmp_path):

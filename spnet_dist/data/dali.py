@@ -8,13 +8,16 @@ The reader always gets a ``file_list`` (``write_file_list``: the pre-flight plan
 them, labelled by position in the full class list), so it never lists the folders itself. A file DALI still fails
 on stops the pipeline for good (DALI 2.4 has no skip option); ``DaliLoader`` turns that "Critical error in
 pipeline" into a ``CorruptDataError`` naming the file, and with ``on_corrupt='skip'`` records it so the next run
-leaves it out.
+leaves it out. Where DALI does not name the file (``nvImageCodec failure: '#3'``: a JPEG whose header is cut but
+still ends in an end marker passes the quick sniff and fails so), ``find_undecodable`` decodes the files of this
+rank's shard with PIL (then the other shards, in the order DALI's reader moves on to them) and names those.
 
 ``build`` is this backend's entry for ``loader.build_loader`` (``data.backend=dali``).
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -29,6 +32,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from ..osutil import write_atomic
 from .index import CorruptDataError, cache_dir, record_bad_file
 from .options import MEAN, STD, resolve_decode
+from .sniff import inspect_folders
+
+log = logging.getLogger("spnet.data")
 
 __all__ = ["CorruptDataError", "DaliLoader", "LoaderSpec", "MEAN", "STD", "build", "resolve_decode", "write_file_list"]
 
@@ -75,6 +81,7 @@ class LoaderSpec:
     with_source_info: bool = False
     file_list: str | None = None  # DALI file_list ("<class>/<file> <label>" lines, relative to root); None: all
     on_corrupt: str = "fail"      # what a file DALI cannot decode means: fail | skip (recorded for the next run)
+    scan: str = "quick"           # the data.scan the file list was checked with (named in unattributed errors)
 
 
 _FILE_PATTERNS = (re.compile(r"Failed to decode sample #\d+\s*:\s*(.+?)\s*$", re.M),
@@ -107,10 +114,7 @@ def translate_dali_error(err: BaseException, spec: LoaderSpec) -> BaseException:
                       "cannot open the file")[i]
             break
     else:
-        return CorruptDataError(
-            f"DALI could not decode an image in {root} ({reason}) and does not say which; run `spnet check-data "
-            f"data.root={root.parent}` to name the file(s), or train with data.scan=quick (the default) so "
-            f"undecodable files are found before training")
+        return _unattributed(spec, reason)
     try:
         rel = path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
@@ -123,6 +127,74 @@ def translate_dali_error(err: BaseException, spec: LoaderSpec) -> BaseException:
             f"continues from the last checkpoint")
     return CorruptDataError(f"DALI could not decode {path} ({reason}); replace or delete the file, or set "
                             f"data.on_corrupt=skip")
+
+
+def _file_list(spec: LoaderSpec) -> list[str]:
+    """The files (relative to ``spec.root``) of the reader's ``file_list``, in its order."""
+    if not spec.file_list:
+        from .files import class_dirs, image_files
+
+        return [f"{c}/{n}" for c in class_dirs(spec.root) for n in image_files(Path(spec.root) / c)[0]]
+    lines = Path(spec.file_list).read_text().splitlines()
+    return [ln.rsplit(" ", 1)[0] for ln in lines if ln.strip()]
+
+
+def find_undecodable(spec: LoaderSpec) -> tuple[dict[str, str], int]:
+    """(``{file: reason}``, files decoded): a full PIL decode of this rank's shard of the reader's files (DALI's
+    shard ``[n*i//w, n*(i+1)//w)``), then of the next shards (the reader moves on to them epoch by epoch), until one
+    holds undecodable files."""
+    files = _file_list(spec)
+    n, w = len(files), max(1, spec.num_shards)
+    decoded = 0
+    for k in range(w):
+        i = (spec.shard_id + k) % w
+        shard = files[n * i // w: n * (i + 1) // w]
+        by_class: dict[str, list[str]] = {}
+        for rel in shard:
+            folder, _, name = rel.rpartition("/")
+            by_class.setdefault(folder, []).append(name)
+        jobs = [(str(Path(spec.root) / c), names, True) for c, names in by_class.items()]
+        bad = {f"{c}/{name}": why for c, (b, _) in zip(by_class, inspect_folders(jobs, decode=True))
+               for name, why in b.items()}
+        decoded += len(shard)
+        if bad:
+            return bad, decoded
+    return {}, decoded
+
+
+def _unattributed(spec: LoaderSpec, reason: str) -> CorruptDataError:
+    """DALI failed on a file it does not name: find it by decoding the shard, name it (and record it for
+    ``on_corrupt=skip``)."""
+    root = Path(spec.root)
+    log.warning("data: DALI could not decode an image in %s (%s) and does not say which; decoding this rank's "
+                "files with PIL to find it", root, reason)
+    bad, decoded = find_undecodable(spec)
+    if not bad:
+        scan = "" if spec.scan == "off" else f" (data.scan={spec.scan} found nothing either)"
+        hint = (", or train with data.scan=quick (the default) so undecodable files are found before training"
+                if spec.scan == "off" else "")
+        return CorruptDataError(
+            f"DALI could not decode an image in {root} ({reason}) and does not say which; a full decode of the "
+            f"{decoded} file(s) this rank reads found no undecodable one{scan}; run `spnet check-data "
+            f"data.root={root.parent}` to check the whole dataset{hint}")
+    by = f"DALI did not name {'it' if len(bad) == 1 else 'them'}, a decode of the {decoded} file(s) this rank reads did"
+    if len(bad) == 1:
+        ((rel, why),) = bad.items()
+        what = f"{root / rel} ({why}; {by})"
+    else:
+        what = (f"{len(bad)} files in {root} ({by}): "
+                f"{'; '.join(f'{root / r} ({w})' for r, w in sorted(bad.items())[:10])}"
+                f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}")
+    if spec.on_corrupt == "skip":
+        where = None
+        for rel, why in bad.items():
+            where = record_bad_file(root, rel, f"DALI (found by decoding): {why}") or where
+        return CorruptDataError(
+            f"DALI could not decode {what}; now listed as bad in {where}, so the next run leaves "
+            f"{'it' if len(bad) == 1 else 'them'} out (data.on_corrupt=skip with data.scan=quick or decode): run the "
+            f"same command again, resume=auto continues from the last checkpoint")
+    return CorruptDataError(f"DALI could not decode {what}; replace or delete "
+                            f"{'the file' if len(bad) == 1 else 'them'}, or set data.on_corrupt=skip")
 
 
 class DaliLoader:
@@ -231,5 +303,6 @@ def build(cfg: Any, plan: DataPlan, split: str, train: bool, shard_id: int, num_
                       seed=cfg.seed + (0 if train else 1), decode=data.decode, with_source_info=with_source_info,
                       # GPU decode: HWC batches, handed out as channels_last NCHW views (saves a transpose)
                       layout="HWC" if resolve_decode(data.decode) == "mixed" else "CHW",
-                      file_list=write_file_list(plan, split, files), on_corrupt=str(data.get("on_corrupt", "skip")))
+                      file_list=write_file_list(plan, split, files), on_corrupt=str(data.get("on_corrupt", "skip")),
+                      scan=str(data.get("scan", "quick")))
     return DaliLoader(spec, checkpoint=state["dali"] if state else None, plan=plan)
