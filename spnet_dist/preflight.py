@@ -165,8 +165,8 @@ PROBE_PREFIX = ".spnet-write-probe-"
 
 def probe_writable(key: str, folder: Any, keep: bool = True) -> None:
     """``folder`` (the value of config key ``key``) can hold this run's files: create it (parents too) when
-    missing, write and delete a small file in it. ``keep=False`` removes again the folders the probe created (a
-    check for somebody else: `spnet submit` on the login node), so the probe leaves no trace. One ConfigError
+    missing, write and delete a small file in it. ``keep=False`` removes again the (empty) folders the probe
+    created, so the probe leaves no trace. One ConfigError
     naming the key, the path, the OS reason and what to do."""
     path = Path(str(folder)).expanduser()
     if path.exists() and not path.is_dir():
@@ -205,9 +205,9 @@ def spool_folder(cfg: Any) -> str:
 
 
 def check_folders(cfg: Any) -> None:
-    """The write probe of ``checkpoint.dir`` (kept: the run writes there) and of the MLflow spool folder (removed
-    again when the probe made it: the tracker makes it on rank 0)."""
-    probe_writable("checkpoint.dir", cfg.checkpoint.dir)
+    """The write probes of ``checkpoint.dir`` and of the MLflow spool folder. Folders the probe makes are removed
+    again: a start stopped by a later check leaves nothing behind (the checkpointer and the tracker make them)."""
+    probe_writable("checkpoint.dir", cfg.checkpoint.dir, keep=False)
     probe_writable("tracking.spool_dir", spool_folder(cfg), keep=False)
 
 
