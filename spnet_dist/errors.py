@@ -9,6 +9,10 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key, the bad value and what would be right."""
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; resume=auto continues
+EXIT_RANK_LOST = 76  # this rank ended because another rank died or stopped answering (the cause is that rank)
+
+
 class RankLostExit(SystemExit):
     """This rank ends because another rank died or stopped answering: exit code ``EXIT_RANK_LOST`` (76), no
     traceback. ``diagnosis`` names the lost ranks (``engine.heartbeat``)."""

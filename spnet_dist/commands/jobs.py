@@ -87,14 +87,32 @@ def _status(J: Any, e: dict[str, Any]) -> dict[str, Any]:
     run_ids = [ev.get("mlflow_run_id") for ev in evts if ev.get("mlflow_run_id")]
     paths = J.task_paths(e)
     tags = complete_tags(e["checkpoint_dir"])
+    failures = _failures(J, e, evts, st)
     return {"job_id": e["job_id"], **st, "submitted": e["submitted"], "cluster": e["cluster"],
             "overrides": e["overrides"], "stdout": str(paths["stdout"]), "stderr": str(paths["stderr"]),
             "checkpoint_dir": e["checkpoint_dir"], "latest_checkpoint": tags[-1] if tags else None,
             "interruptions": [{k: ev.get(k) for k in ("event", "restart", "step", "requeued")}
                               for ev in evts if ev["event"] in ("timeout", "preemption", "stopped")],
+            "failures": failures, "cause": failures[-1]["message"] if failures and not summary else None,
             "tracking_uri": e["tracking_uri"], "experiment": e["experiment"],
             "mlflow_run_id": (summary or {}).get("mlflow_run_id") or (run_ids[-1] if run_ids else None),
             "summary": summary, "error": res[1] if res and res[0] == "error" else None}
+
+
+def _failures(J: Any, e: dict[str, Any], evts: list[dict[str, Any]], st: dict[str, Any]) -> list[dict[str, Any]]:
+    """The failed ranks the job's supervisor recorded (``rank_failed`` events); for a job that ended without one
+    (its batch script could not run the supervisor), the failed task srun reported in the job's log."""
+    keys = ("restart", "rank", "node", "pid", "signal", "exit_code", "cause", "transient", "requeued", "message")
+    out = [{k: ev.get(k) for k in keys} for ev in evts if ev["event"] == "rank_failed"]
+    if out or J.is_active(st["state"]) or st["state"] in ("COMPLETED", "UNKNOWN"):
+        return out
+    from ..launch.failures import classify, current_incarnation, describe, srun_failures
+
+    path = J.task_paths(e)["stderr"]
+    text = current_incarnation(path.read_text(errors="replace")) if path.is_file() else ""
+    lost = [x for ev in evts if ev["event"] == "rank_lost" for x in ev.get("lost", [])]
+    cause = classify(srun_failures(text), lost)
+    return [{**{k: cause.get(k) for k in keys}, "message": describe(cause)}] if cause else []
 
 
 def _tail(J: Any, e: dict[str, Any], args: argparse.Namespace) -> int:

@@ -64,11 +64,16 @@ class Heartbeat(threading.Thread):
         self.store_ok_at = now
         self.lost: list[dict[str, Any]] = []
         self.lost_at: float | None = None
+        self.frozen_s = 0.0  # this rank itself stood still this long (SIGSTOP, a stalled machine)
+        self.tick = now
         self.halt = threading.Event()
 
     def run(self) -> None:
+        self.tick = time.monotonic()
         while not self.halt.wait(INTERVAL_S):
             now = time.monotonic()
+            self.check_self(now)
+            self.tick = now
             try:
                 self.store.add(self.keys[self.rank], 1)
                 values = self.store.multi_get(self.keys)
@@ -79,7 +84,7 @@ class Heartbeat(threading.Thread):
                         self.last_value[r], self.last_change[r] = v, now
             except Exception:  # noqa: BLE001 - the store's host is frozen or gone: judged by staleness below
                 pass
-            if not self.lost:
+            if not self.lost and not self.frozen_s:
                 found = self.stale(now, since=now - self.stale_s)
                 if found:
                     self.lost, self.lost_at = found, now
@@ -87,6 +92,13 @@ class Heartbeat(threading.Thread):
             elif self.lost_at is not None and now - self.lost_at >= self.grace_s:
                 report(diagnosis(self.rank, self.lost, "the watchdog ended the stuck rank"))
                 os._exit(EXIT_RANK_LOST)
+
+    def check_self(self, now: float) -> None:
+        """A long gap since the last beat: this rank itself was stopped; the others are not to blame."""
+        if now - self.tick > max(3 * INTERVAL_S, 0.5 * self.stale_s):
+            self.frozen_s = max(self.frozen_s, now - self.tick)
+            self.last_change = {r: now for r in self.last_change}
+            self.store_ok_at = now
 
     def stale(self, now: float, since: float) -> list[dict[str, Any]]:
         """The ranks (or the store) silent since monotonic time ``since``."""
@@ -173,11 +185,16 @@ def peer_failure(err: BaseException) -> dict[str, Any] | None:
     if not beat.lost and not collective:
         return None
     lost = beat.lost
+    first = text.splitlines()[0] if text else ""
+    beat.check_self(time.monotonic())
+    if beat.frozen_s and not lost:
+        return {**diagnosis(beat.rank, [], first[:300]), "frozen_s": round(beat.frozen_s, 1),
+                "message": f"this rank stood still for {beat.frozen_s:.0f} s (stopped, or its machine stalled); "
+                           f"the other ranks went on without it"}
     if not lost:
         t0 = time.monotonic()
         time.sleep(PROBE_S)
         lost = beat.stale(time.monotonic(), since=t0)
-    first = text.splitlines()[0] if text else ""
     diag = diagnosis(beat.rank, lost, first[:300])
     if not lost:
         diag["message"] = f"a collective failed ({first[:200]})"

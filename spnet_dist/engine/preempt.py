@@ -12,9 +12,8 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as D
+from ..errors import EXIT_PREEMPTED, EXIT_RANK_LOST  # noqa: F401  (the exit codes, re-exported)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — a checkpoint was written; resume=auto continues
-EXIT_RANK_LOST = 76  # this rank ended because another rank died or stopped answering (the cause is that rank)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 _requested: list[int] = []

@@ -17,7 +17,7 @@ import re
 import signal
 from typing import Any
 
-from ..engine.preempt import EXIT_PREEMPTED, EXIT_RANK_LOST
+from ..errors import EXIT_PREEMPTED, EXIT_RANK_LOST
 
 BATCH_MARK = "spnet-slurm: batch start restart"
 _SRUN = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+?)\s*$")

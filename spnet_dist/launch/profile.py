@@ -17,7 +17,7 @@ from ..config import ConfigError, config_dir
 
 DEFAULT_PROFILE_ENV = "SPNET_CLUSTER"
 KEYS = ("partition", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
-        "signal_delay_s", "max_requeues", "account", "qos", "constraint", "additional_parameters", "setup")
+        "signal_delay_s", "max_requeues", "max_failures", "account", "qos", "constraint", "additional_parameters", "setup")
 
 
 def profile_dir() -> Path:
@@ -88,6 +88,7 @@ def validate(p: dict[str, Any]) -> None:
     need_int("tasks_per_node", 1)
     need_int("cpus_per_task", 1)
     need_int("max_requeues", 0)
+    need_int("max_failures", 0)
     if p["gpus_per_node"] is not None:
         need_int("gpus_per_node", 0)
     timeout = need_int("timeout_min", 1)

@@ -27,11 +27,23 @@ from ..config import ConfigError, compose
 from ..config.checks import check_required
 from ..preflight import check_static, plan_checked, probe_writable
 from . import jobs as J
+from .failures import BATCH_MARK
 from .profile import executor_parameters, load_profile, sbatch_parameters, split_cluster_overrides
 from .task import SlurmTask
 
 KEEP_ENV = ("SLURM_CONF",)  # where the cluster is; submitit's clean_env() would drop it with the job variables
 SRUN_ARGS = ["--kill-on-bad-exit=1"]  # one failing rank ends the step instead of leaving the others in a collective
+
+
+BATCH_MARK_LINE = f'echo "{BATCH_MARK} ${{SLURM_RESTART_COUNT:-0}}" >&2'  # where this incarnation's log begins
+
+
+def supervisor_lines(sub_dir: Path, max_failures: int) -> list[str]:
+    """The batch script's lines after srun: the supervisor names a failed task and requeues transient failures
+    (``launch.supervise``); the script exits with srun's status."""
+    cmd = [sys.executable, "-m", "spnet_dist.launch.supervise", "--srun-rc", "$SPNET_SRUN_RC", "--submission-dir",
+           str(sub_dir), "--max-failures", str(int(max_failures))]
+    return ["SPNET_SRUN_RC=$?", " ".join(a if a.startswith("$") else shlex.quote(a) for a in cmd)]
 
 
 def expand_sweeps(overrides: Sequence[str]) -> list[list[str]]:
@@ -112,6 +124,8 @@ def plan(overrides: Sequence[str], cluster: str | None = None, folder: str | Pat
     job_name = f"spnet-{first_cfg.name or first_cfg.method.name}"
     params = executor_parameters(profile, job_name)
     params["slurm_srun_args"] = SRUN_ARGS
+    params["slurm_setup"] = [*params["slurm_setup"], BATCH_MARK_LINE]
+    params["slurm_teardown"] = supervisor_lines(sub_dir, profile["max_failures"])
     return {"profile": profile, "folder": str(folder), "submission_dir": str(sub_dir), "submission": sub_dir.name,
             "jobs": job_list, "swept": _swept_keys(train_overrides, combos), "executor_parameters": params,
             "tracking_uri": str(first_cfg.tracking.uri), "experiment": str(first_cfg.tracking.experiment)}

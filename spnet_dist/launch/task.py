@@ -157,6 +157,10 @@ class SlurmTask(submitit.helpers.Checkpointable):
         from ..engine.run import train_from_overrides
         from .events import RunIdEvent
 
+        from ..engine import heartbeat
+
+        heartbeat.set_reporter(lambda d: self._event("rank_lost", job_id=job_id, restart=restart, reporter=rank,
+                                                     node=node, lost=d["lost"], message=d["message"]))
         hooks = []
         if rank == 0:
             self._event("started", job_id=job_id, restart=restart, node=node, world_size=world)
@@ -197,9 +201,10 @@ class SlurmTask(submitit.helpers.Checkpointable):
             log(msg)
             D.barrier()
             raise SystemExit(EXIT_PREEMPTED)
+        stops = restart - self._failures()  # restarts after preemptions and timeouts, not after failures
         if rank == 0:
             reason = self._reason(raw_id, t0)
-            requeue = restart < self.max_requeues
+            requeue = stops < self.max_requeues
             self._tag_run(summary, info, f"{reason}@step{step}")
             self._event(reason, job_id=job_id, restart=restart, step=step, checkpoint=summary.get("checkpoint"),
                         mlflow_run_id=summary.get("mlflow_run_id"), requeued=requeue)
@@ -210,7 +215,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
                 if r.returncode != 0:  # e.g. SLURM requeues a preempted job itself (PreemptMode=REQUEUE)
                     log(f"scontrol requeue {raw_id} failed ({r.returncode}): {r.stderr.strip()}")
         else:
-            requeue = restart < self.max_requeues
+            requeue = stops < self.max_requeues
         D.barrier()  # the requeue is issued before any task exits (srun --kill-on-bad-exit)
         if not requeue:
             raise RuntimeError(
@@ -218,6 +223,12 @@ class SlurmTask(submitit.helpers.Checkpointable):
                 f"{self.max_requeues}); checkpoint {summary.get('checkpoint')}. Continue with `spnet submit` and "
                 f"the same checkpoint.dir (resume=auto), or raise cluster.max_requeues")
         raise SystemExit(EXIT_PREEMPTED)
+
+    def _failures(self) -> int:
+        """Restarts of this job that followed a failed rank (``rank_failed`` events of the supervisor)."""
+        from .supervise import read_events
+
+        return sum(1 for e in read_events(Path(self.job_dir)) if e["event"] == "rank_failed" and e.get("requeued"))
 
     def _reason(self, raw_id: str, t0: float) -> str:
         left = time_left_s(raw_id)
