@@ -206,9 +206,12 @@ def spool_folder(cfg: Any) -> str:
 
 def check_folders(cfg: Any) -> None:
     """The write probes of ``checkpoint.dir`` and of the MLflow spool folder. Folders the probe makes are removed
-    again: a start stopped by a later check leaves nothing behind (the checkpointer and the tracker make them)."""
-    probe_writable("checkpoint.dir", cfg.checkpoint.dir, keep=False)
-    probe_writable("tracking.spool_dir", spool_folder(cfg), keep=False)
+    again, so a start stopped by a later check leaves nothing behind (the checkpointer and the tracker make them);
+    under a launcher they stay: every rank probes at once, and one rank's clean-up would pull the folder from under
+    another's probe."""
+    keep = launched()
+    probe_writable("checkpoint.dir", cfg.checkpoint.dir, keep=keep)
+    probe_writable("tracking.spool_dir", spool_folder(cfg), keep=keep)
 
 
 def plan_checked(cfg: Any, world: int, scan: str | None = None) -> DataPlan:
