@@ -61,3 +61,10 @@ def test_bench_scale_tiny(tmp_path):
     assert set(by) == {1, 2}
     assert by[1]["threads_per_rank"] >= by[2]["threads_per_rank"] >= 1
     assert by[2]["img_per_s"] > 0 and by[2]["parts_ms"]["backward"] > 0
+
+
+def test_bench_checkpoint_tiny(tmp_path):
+    out, rows = run_tool("bench_checkpoint", "--model", "resnet_tiny", "--rounds", "1", tmp=tmp_path)
+    assert "hashed/plain" in out
+    (row,) = rows
+    assert row["mib"] > 0 and row["plain_s"] > 0 and row["hashed_s"] > 0 and row["verify_s"] > 0

@@ -83,7 +83,7 @@ def main() -> None:
         file_digests(Path(tmp) / "v", names)
         verify = time.perf_counter() - t0
         la1 = load_avg()
-    row = {"model": args.model, "method": args.method, "mib": state["bytes"] / 2**20,
+    row = {"bench": "bench_checkpoint", "model": args.model, "method": args.method, "mib": state["bytes"] / 2**20,
            "plain_s": median(times["plain"]), "hashed_s": median(times["hashed"]), "verify_s": verify,
            "ratio": ratio_median(times["hashed"], times["plain"])}
     print_table([row], [("model", "model", ""), ("method", "method", ""), ("mib", "MiB/tag", ".0f"),
