@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Sequence
 
 import pytest
-from conftest import TINY_CLASSES, tiny_train_args
+from conftest import TINY_CLASSES, last_json, run_spnet, tiny_train_args
 
 from spnet_dist.config import compose
 from spnet_dist.data import files as listing, index as data_index
@@ -263,3 +263,30 @@ def test_printing_the_config_probes_nothing(tmp_path):
                           cwd=tmp_path, text=True, capture_output=True, timeout=120)
     assert proc.returncode == 0 and f"dir: {new}" in proc.stdout, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def submit_args(data: Path, tmp: Path, *extra: str) -> list[str]:
+    """`spnet train` overrides for `spnet submit` (cluster profile: local), without the tiny run's checkpoint.dir."""
+    return [a for a in tiny_train_args(data, tmp)[1:] if not a.startswith("checkpoint.dir=")] + list(extra)
+
+
+def test_spnet_submit_probes_the_checkpoint_dir_on_the_login_node(tiny_data, tmp_path):
+    """The write probe of checkpoint.dir runs before anything is submitted (not only a --dry-run); the probe of a
+    writable one leaves nothing behind."""
+    ckpt = read_only(tmp_path / "shared" / "ro")
+    try:
+        prefix = unprivileged(ckpt)
+        proc = subprocess.run([*prefix, sys.executable, "-m", "spnet_dist.cli", "submit", "--folder",
+                               str(tmp_path / "slurm"), *submit_args(tiny_data, tmp_path, f"checkpoint.dir={ckpt}")],
+                              cwd=tmp_path, text=True, capture_output=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        assert proc.stderr.splitlines() == [f"spnet submit: config error: checkpoint.dir={ckpt} is not writable "
+                                            f"(PermissionError: Permission denied); point checkpoint.dir at a "
+                                            f"writable folder"]
+        assert not (tmp_path / "slurm").exists() and list(ckpt.iterdir()) == []
+    finally:
+        ckpt.chmod(0o755)
+    r = run_spnet("submit", "--dry-run", "--folder", str(tmp_path / "slurm"),
+                  *submit_args(tiny_data, tmp_path, f"checkpoint.dir={tmp_path / 'shared' / 'new' / 'ckpt'}"),
+                  cwd=tmp_path)
+    assert last_json(r.stdout)["dry_run"] and not (tmp_path / "shared" / "new").exists()

@@ -141,3 +141,20 @@ def test_trainings_started_together_on_a_fresh_sqlite_store_all_finish(tiny_data
     assert [r.info.status for r in runs] == ["FINISHED"] * n
     for r in runs:  # each run has its metrics, not only a row
         assert "val/top1" in r.data.metrics and r.data.params
+
+
+def test_an_existing_store_in_a_read_only_folder_opens_without_a_lock_file(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    uri = f"sqlite:///{ro / 'mlflow.db'}"
+    ensure_sqlite_store(uri)  # created while writable
+    lock_path(ro / "mlflow.db").unlink()
+    sqlite_init.forget(uri)
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: the folder stays writable")
+        ensure_sqlite_store(uri)
+        assert not lock_path(ro / "mlflow.db").exists()
+    finally:
+        ro.chmod(0o755)

@@ -235,30 +235,6 @@ def test_bad_input_is_one_clear_error(tiny_data, tmp_path, args, needle):
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_a_read_only_checkpoint_dir_is_refused_on_the_login_node(tiny_data, tmp_path):
-    """The write probe of checkpoint.dir runs before anything is submitted (not only a --dry-run); the probe of a
-    writable one leaves nothing behind."""
-    from test_preflight import read_only, unprivileged
-
-    ckpt = read_only(tmp_path / "shared" / "ro")
-    try:
-        prefix = unprivileged(ckpt)
-        proc = subprocess.run([*prefix, sys.executable, "-m", "spnet_dist.cli", "submit", "--folder",
-                               str(tmp_path / "slurm"), *job_args(tiny_data, tmp_path, f"checkpoint.dir={ckpt}")],
-                              cwd=tmp_path, text=True, capture_output=True, timeout=120)
-        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-        assert proc.stderr.splitlines() == [f"spnet submit: config error: checkpoint.dir={ckpt} is not writable "
-                                            f"(PermissionError: Permission denied); point checkpoint.dir at a "
-                                            f"writable folder"]
-        assert not (tmp_path / "slurm").exists() and list(ckpt.iterdir()) == []
-    finally:
-        ckpt.chmod(0o755)
-    r = run_spnet("submit", "--dry-run", "--folder", str(tmp_path / "slurm"),
-                  *job_args(tiny_data, tmp_path, f"checkpoint.dir={tmp_path / 'shared' / 'new' / 'ckpt'}"),
-                  cwd=tmp_path)
-    assert last_json(r.stdout)["dry_run"] and not (tmp_path / "shared" / "new").exists()
-
-
 def test_jobs_without_an_index(tmp_path):
     r = run_spnet("jobs", "--folder", str(tmp_path / "none"), "status", cwd=tmp_path, check=False)
     assert r.returncode == 2 and "no jobs in" in r.stderr

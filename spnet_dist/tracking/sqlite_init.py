@@ -56,8 +56,15 @@ def ensure_sqlite_store(uri: str, cwd: str | Path | None = None) -> None:
             return
         import fcntl
 
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path(db), "a") as lock:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(lock_path(db), "a")
+        except OSError as err:  # a read-only folder: nobody can create the store there, so no race to guard
+            log.debug("no lock file for %s (%s); opening the store without it", db, err)
+            _open_store(uri)
+            _done.add(key)
+            return
+        with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # blocks while another process creates the store
             try:
                 _open_store(uri)
