@@ -140,6 +140,12 @@ def check_machine(cfg: Any) -> None:
     if not launched() and nprocs > cores:
         raise ConfigError(f"trainer.nprocs={nprocs} is more than the {cores} CPU cores available here; choose "
                           f"trainer.nprocs between 1 and {cores}")
+    if "model" in cfg and cfg.model.get("sync_bn"):  # SyncBatchNorm runs on CUDA only (engine/sync_bn.py)
+        import torch
+
+        from .engine.sync_bn import check_sync_bn
+
+        check_sync_bn(True, int(os.environ["WORLD_SIZE"]) if launched() else nprocs, torch.cuda.is_available())
 
 
 def check_pretrained(cfg: Any) -> None:

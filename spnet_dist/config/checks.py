@@ -32,6 +32,8 @@ RUN_RANGES: dict[str, Range] = {
     "checkpoint.every_steps": (0, None, True), "checkpoint.keep_last": (1, None, True),
     "eval.every_epochs": (1, None, True), "eval.precise_bn_batches": (0, None, True),
     "eval.gate_calibration_batches": (0, None, True),
+    "optim.grad_clamp": (0, None, False), "optim.lr_reference_batch": (1, None, True),
+    "optim.recipe_global_batch": (1, None, True),
 }
 _NOUN = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
          "list": "a list, e.g. [1, 2]", "dict": "a mapping"}
@@ -149,6 +151,9 @@ def _check_combinations(leaves: dict[str, Any]) -> None:
             raise ConfigError(f"data.val_resize={leaves['data.val_resize']} is smaller than data.image_size="
                               f"{leaves['data.image_size']}: the val center crop would not fit; use data.val_resize"
                               f">={leaves['data.image_size']} (ImageNet: 256 for 224)")
+    for path in ("optim.grad_clamp", "optim.lr_reference_batch", "optim.recipe_global_batch"):  # null-default numbers
+        if leaves.get(path) is not None and not _num(leaves[path]):
+            raise ConfigError(f"{path}={_show(leaves[path])} is not a number (null: off)")
     for path in ("model.layers", "model.widths", "optim.milestones"):
         v = leaves.get(path)
         if isinstance(v, list) and any(_num(x) and x < (0 if path == "optim.milestones" else 1) for x in v):
@@ -158,6 +163,10 @@ def _check_combinations(leaves: dict[str, Any]) -> None:
 def check_required(cfg: DictConfig) -> None:
     """One ConfigError naming the first required key (``???``) that has no value."""
     missing = sorted(OmegaConf.missing_keys(cfg))
+    missing += [str(k) for k in (cfg.get("required") or []) if OmegaConf.select(cfg, str(k)) in (None, "")]
     if missing:
-        hint = " (the path of the prepared ImageNet, see `spnet prepare-imagenet`)" if "data.root" in missing else ""
+        hints = {"data.root": " (the path of the prepared ImageNet, see `spnet prepare-imagenet`)",
+                 "model.pretrained": " (this recipe starts from a trained static network: a torchvision weights file "
+                                     "or a checkpoint tag dir of a method=static run; README \"Paper rows\")"}
+        hint = hints.get(missing[0], "")
         raise ConfigError(f"{missing[0]} is required and has no default: add {missing[0]}=<value>{hint}")

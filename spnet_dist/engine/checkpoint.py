@@ -133,6 +133,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep_last: int = 3):
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.keep: set[str] = set()  # tags kept besides the newest keep_last (the best epoch, engine/best.py)
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
         """Collective: every rank must call it. A failed write (disk full, ...) on any rank removes the partial
@@ -196,7 +197,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         tags = complete_tags(self.directory)
-        for tag in tags[: max(0, len(tags) - self.keep_last)]:
+        for tag in [t for t in tags[: max(0, len(tags) - self.keep_last)] if t not in self.keep]:
             shutil.rmtree(self.directory / tag, ignore_errors=True)
 
     @staticmethod

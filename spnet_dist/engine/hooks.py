@@ -14,6 +14,7 @@ from ..config import flatten, to_container
 from . import preempt
 from .checkpoint import Checkpointer
 from .hook import Hook, StepResult
+from .lr_scale import announce_lr
 from .loop import NonFiniteLossError, TrainLoop, last_good
 from .rng import rng_state
 from .schedule import EpochClock, lr_factor
@@ -22,21 +23,23 @@ log = logging.getLogger("spnet.train")
 
 
 class LRSchedule(Hook):
-    """The epoch clock and the LR scheduler: the LR is ``optim.lr`` x a pure function of fractional epochs
-    (warm-up, milestones), built once the epoch length is known, so a resume (on any number of ranks) continues
-    it exactly without saved state."""
+    """The epoch clock and the LR scheduler: the LR is ``optim.lr`` (scaled by ``optim.lr_reference_batch``, see
+    ``lr_scale.py``) x a pure function of fractional epochs (warm-up, milestones), built once the epoch length is
+    known, so a resume (on any number of ranks) continues it exactly without saved state."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, optim_cfg: Any) -> None:
         self.optimizer, self.optim_cfg = optimizer, optim_cfg
         self.clock = EpochClock()
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.base_lr = float(optim_cfg.lr)  # optim.lr, scaled by optim.lr_reference_batch in before_train
 
     def before_train(self, loop: TrainLoop) -> None:
         self.clock.steps_per_epoch = loop.steps_per_epoch
         self._advance(loop)
-        optim = self.optim_cfg
+        optim, per_rank = self.optim_cfg, int(loop.cfg.trainer.batch_size)
+        self.base_lr = announce_lr(optim, per_rank * loop.world, per_rank, loop.world, loop.rank)  # lr_scale.py
         for group in self.optimizer.param_groups:  # the config's values, also over a resumed optimizer state
-            group["initial_lr"] = float(optim.lr) * float(group.get("lr_mult", 1.0))  # routers: ×mult
+            group["initial_lr"] = self.base_lr * float(group.get("lr_mult", 1.0))  # routers: ×mult
             group["momentum"], group["nesterov"] = float(optim.momentum), bool(optim.nesterov)
             no_decay = bool(optim.get("no_decay_bn", False)) and all(p.ndim <= 1 for p in group["params"])
             group["weight_decay"] = 0.0 if no_decay else float(optim.weight_decay)  # optim.no_decay_bn: 1-D
@@ -69,6 +72,7 @@ class Tracking(Hook):
                 "target_rate": str(cfg.method.get("target_rate")), "world_size": str(loop.world)}
         loop.progress.run_id = loop.tracker.start(loop.progress.run_id, run_name(cfg), tags)
         loop.tracker.log_params(flatten(to_container(cfg)))  # the tracker masks secrets; the first values stay
+        loop.tracker.log_tags({"spnet.lr_used": f"{self.lr.base_lr:g}"})  # optim.lr after lr_reference_batch
         if loop.config_changes:
             record_changes(loop)
 
@@ -290,6 +294,7 @@ def standard_hooks(cfg: Any, optimizer: torch.optim.Optimizer, ckpt: Checkpointe
     """The hooks every run has, in call order: tracking logs a step before it is checkpointed; evaluation runs
     before the epoch's checkpoint (which then holds what was evaluated, e.g. PreciseBN statistics). ``after_train``
     runs in reverse order: final checkpoint, final evaluation, then the tracker closes the run."""
+    from .best import BestCheckpoint
     from .failpoints import Failpoints
     from .gate_calibration import GateCalibration
     from .precise_bn import PreciseBN
@@ -301,7 +306,7 @@ def standard_hooks(cfg: Any, optimizer: torch.optim.Optimizer, ckpt: Checkpointe
         hooks.append(PreciseBN(int(cfg.eval.precise_bn_batches)))
     if int(cfg.eval.get("gate_calibration_batches", 0) or 0) > 0:
         hooks.append(GateCalibration(int(cfg.eval.gate_calibration_batches)))
-    hooks += [Evaluation(), Checkpointing(ckpt)]
+    hooks += [BestCheckpoint(ckpt), Evaluation(), Checkpointing(ckpt)]  # best: its after_train after the last eval
     if D.rank() == 0 and cfg.trainer.progress:
         hooks.append(ProgressBar())
     if int(cfg.trainer.get("sync_check_every") or 0):

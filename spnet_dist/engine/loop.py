@@ -75,6 +75,7 @@ class TrainLoop:
         self.config_changes: list[tuple[str, Any, Any]] = []  # safe settings changed at this resume (key, old, new)
         self.stop = False                   # a stop signal reached some rank: save and leave
         self.preempted = False
+        self.report: dict[str, Any] = {}    # extra keys of the final summary, set by hooks (e.g. best_checkpoint)
         cl = cfg.trainer.get("channels_last")
         self.memory_format = (torch.channels_last if (torch.cuda.is_available() if cl is None else bool(cl))
                               else torch.contiguous_format)
@@ -184,7 +185,7 @@ class TrainLoop:
 
     def summary(self) -> dict[str, Any]:
         cfg, prog = self.cfg, self.progress
-        return {**self.metrics, "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+        return {**self.metrics, "checkpoint": str(self.last_ckpt) if self.last_ckpt else None, **self.report,
                 "mlflow_run_id": prog.run_id, "steps": prog.step, "epochs": prog.epoch, "world_size": self.world,
                 "preempted": self.preempted,
                 "train_images_per_sec": self.images_seen / self.elapsed if self.elapsed > 0 else 0.0,

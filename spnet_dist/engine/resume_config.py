@@ -7,8 +7,9 @@ Three kinds of keys:
   run's name. They apply from the resume step on; the change is announced in one line and recorded in MLflow.
 * **structural** (``STRUCTURAL``): the network's shape and what the optimizer state is laid out for (``model.*``,
   ZeRO stage, parameter groups). The checkpoint cannot be loaded into anything else: a new run is the only way.
-* everything else (the method and its targets, the per-rank batch, the seed, the image size, keys this module does
-  not know): it changes what is being trained, so it is refused unless listed in ``resume_allow=[key, ...]``.
+* everything else (the method and its targets, the per-rank batch, ``model.sync_bn``, the seed, the image size, keys
+  this module does not know): it changes what is being trained, so it is refused unless listed in
+  ``resume_allow=[key, ...]``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ SAFE = ("optim.lr", "optim.milestones", "optim.gamma", "optim.warmup_epochs", "o
         "trainer.collective_timeout_s", "checkpoint.", "eval.", "tracking.", "data.root", "data.backend",
         "data.decode", "data.on_corrupt", "data.scan", "data.num_threads", "data.val_resize", "data.workers",
         "deepspeed.gradient_clipping", "deepspeed.bf16_autocast", "model.pretrained", "name", "resume",
-        "resume_allow")
+        "resume_allow", "required", "optim.grad_clamp", "optim.lr_reference_batch", "optim.recipe_global_batch")
+# model.* keys that do not change the network or its state dict: refused unless in resume_allow (like the batch)
+NOT_STRUCTURAL = ("model.sync_bn",)
 STRUCTURAL = ("model.", "deepspeed.stage", "optim.no_decay_bn", "optim.router_lr_mult")
 UNSET = "<unset>"
 
@@ -52,7 +55,7 @@ def check_resume_config(cfg: Any, saved: dict[str, Any] | None, where: Path) -> 
         return []
     changes = config_changes(saved, to_container(cfg))
     allowed = {str(k) for k in (cfg.get("resume_allow") or [])}
-    structural = [c for c in changes if _matches(c[0], STRUCTURAL) and not _matches(c[0], SAFE)]
+    structural = [c for c in changes if _matches(c[0], STRUCTURAL) and not _matches(c[0], SAFE + NOT_STRUCTURAL)]
     refused = [c for c in changes if not _matches(c[0], SAFE) and c not in structural and c[0] not in allowed]
     if structural:
         raise ConfigError(

@@ -13,6 +13,7 @@ import torch
 from .. import distributed as D
 from ..osutil import usable_cores
 from . import preempt
+from .grad_clamp import install_grad_clamp
 from .malloc import keep_freed_memory
 
 
@@ -27,8 +28,8 @@ def deepspeed_config(cfg: Any, world: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if ds.gradient_clipping:
-        conf["gradient_clipping"] = ds.gradient_clipping
+    # always explicit: DeepSpeed's own default is a norm clip at 1.0 (GRADIENT_CLIPPING_DEFAULT, deepspeed 0.19)
+    conf["gradient_clipping"] = float(ds.gradient_clipping or 0.0)
     if ds.bf16_autocast:
         conf["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return conf
@@ -118,14 +119,16 @@ def param_groups(model: torch.nn.Module, no_decay_bn: bool, lr: float, router_lr
 
 
 def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.SGD:
-    """SGD of ``optim`` (lr, momentum, weight_decay, nesterov, fused, no_decay_bn, router_lr_mult). ``fused``: one multi-tensor
-    kernel per step (CPU and CUDA) instead of torch's per-parameter loop (SP-Net ResNet-50 on CPU under ZeRO-1:
-    203 → 151 ms per optimizer step, BENCHMARKS.md)."""
+    """SGD of ``optim`` (lr, momentum, weight_decay, nesterov, fused, no_decay_bn, router_lr_mult, grad_clamp).
+    ``fused``: one multi-tensor kernel per step (CPU and CUDA) instead of torch's per-parameter loop (SP-Net
+    ResNet-50 on CPU under ZeRO-1: 203 → 151 ms per optimizer step, BENCHMARKS.md)."""
     groups = param_groups(model, bool(optim.get("no_decay_bn", False)), float(optim["lr"]),
                           float(optim.get("router_lr_mult", 1.0)))
-    return torch.optim.SGD(groups, lr=optim["lr"],
-                           momentum=optim["momentum"], weight_decay=optim["weight_decay"],
-                           nesterov=bool(optim.get("nesterov", False)), fused=bool(optim.get("fused", False)) or None)
+    sgd = torch.optim.SGD(groups, lr=optim["lr"],
+                          momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+                          nesterov=bool(optim.get("nesterov", False)), fused=bool(optim.get("fused", False)) or None)
+    install_grad_clamp(sgd, optim.get("grad_clamp"))  # SP-Net CIFAR: element-wise clamp before each step
+    return sgd
 
 
 def setup_process(cfg: Any) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from .loop import Progress, TrainLoop
 from .resume_config import check_resume_config
 from .rng import seed_all, set_rng_state
 from .setup import build_optimizer, deepspeed_config, setup_process
+from .sync_bn import convert_sync_bn
 
 log = logging.getLogger("spnet.train")
 
@@ -149,6 +150,7 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
     plan = plan if plan is not None else plan_data(cfg, world)
     resolve_num_classes(cfg, plan)  # model.num_classes=auto: a no-op after the pre-flight, which wrote the number
     model, method_cfg = build_from_config(cfg.model, cfg.method)
+    model = convert_sync_bn(model, bool(cfg.model.get("sync_bn", False)), world)  # before optimizer and teacher
     optimizer = build_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
     method = build_method(method_cfg, engine.module)

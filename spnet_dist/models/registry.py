@@ -14,6 +14,7 @@ from .routers import ROUTERS
 
 MODEL_KEYS = ("name", "block", "layers", "widths", "stem", "stem_width", "variant", "num_classes",
               "image_size", "pretrained")
+RUN_KEYS = ("sync_bn",)  # model.* keys read by the engine (engine/sync_bn.py), not by the network builder
 # config keys read here with a fixed set of values / a numeric range (low, high, low inclusive), checked before a
 # run, by the pre-flight (spnet_dist.preflight; method.router.type: the model builds the routers)
 CONFIG_CHOICES: dict[str, tuple] = {"model.block": tuple(BLOCKS), "model.stem": STEMS, "model.variant": VARIANTS,
@@ -59,6 +60,7 @@ def _check_choice(key: str, value: Any, valid: Sequence[str]) -> None:
 def resolve_model_cfg(model_cfg: Mapping[str, Any] | str) -> dict[str, Any]:
     """Fill a (partial) model config from the registered config of the same ``name`` and validate it."""
     cfg = {"name": model_cfg} if isinstance(model_cfg, str) else to_plain(model_cfg)
+    cfg = {k: v for k, v in cfg.items() if k not in RUN_KEYS}  # how the run uses the network, not its shape
     unknown = sorted(set(cfg) - set(MODEL_KEYS))
     if unknown:
         raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {list(MODEL_KEYS)}")
