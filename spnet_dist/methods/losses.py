@@ -26,6 +26,7 @@ __all__ = [
     "logits_distill",
     "path_distill",
     "evolution_loss",
+    "within_stage_evolution_loss",
     "head_weights_for",
     "cost_loss",
     "histogram_features",
@@ -180,6 +181,16 @@ def evolution_loss(features: Sequence[Tensor], form: str = "consecutive") -> Ten
         terms = [_one_minus_cos(diffs[a], diffs[b]) for a, b in itertools.combinations(range(len(diffs)), 2)]
     else:
         raise ValueError(f"unknown evo_form {form!r} (expected 'consecutive' or 'official')")
+    return torch.stack(terms).sum()
+
+
+def within_stage_evolution_loss(taps: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """SP-Net's official CIFAR L_evo (unscaled; ``train_cifar.py``, spec §5.e): per stage the pooled outputs of its
+    first, middle and last block, e₁ = f_mid − f_first, e₂ = f_last − f_mid, ``Σ_stages mean_i (1 − cos(e₁,i, e₂,i))``
+    (the official ``--cos_margin`` is 0 by default and not offered)."""
+    if not taps:
+        raise ValueError("within_stage L_evo needs the model's stage taps (DynamicResNet.stage_taps = True)")
+    terms = [_one_minus_cos((mid - first).flatten(1), (last - mid).flatten(1)) for first, mid, last in taps]
     return torch.stack(terms).sum()
 
 

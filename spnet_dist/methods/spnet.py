@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .base import GatedMethod, cfg_get, register_method, unwrap_model
-from .losses import evolution_loss, logits_distill, multi_head_ce, path_distill
+from .losses import evolution_loss, logits_distill, multi_head_ce, path_distill, within_stage_evolution_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from spnet_dist.models.output import ModelOutput
@@ -45,17 +45,19 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["SPNet"]
 
 DEFAULT_HEAD_WEIGHTS = (0.01, 0.1, 0.2, 1.0)  # for [o1, o2, o3, o4]
+# consecutive: paper wording (spec §5.h.1); official: ImageNet code, d_k = f4 - f_k; within_stage: CIFAR code (§5.e)
+EVO_FORMS = ("consecutive", "official", "within_stage")
 
 
 @register_method
 class SPNet(GatedMethod):
     """SP-Net objective with an EMA teacher. Config keys (besides GatedMethod's): ``head_weights``, ``w_logits``,
-    ``w_path``, ``w_evo``, ``evo_form`` (consecutive|official), ``ema_momentum``, ``teacher_mode`` (train|eval),
-    ``teacher_buffers`` (copy|ema|own), ``teacher_precision`` (fp32|bf16)."""
+    ``w_path``, ``w_evo``, ``evo_form`` (consecutive|official|within_stage), ``ema_momentum``, ``teacher_mode``
+    (train|eval), ``teacher_buffers`` (copy|ema|own), ``teacher_precision`` (fp32|bf16)."""
 
     name = "spnet"
     default_rate_loss = "one_sided"
-    config_choices = {**GatedMethod.config_choices, "method.evo_form": ("consecutive", "official"),
+    config_choices = {**GatedMethod.config_choices, "method.evo_form": EVO_FORMS,
                       "method.teacher_mode": ("train", "eval"), "method.teacher_buffers": ("copy", "ema", "own"),
                       "method.teacher_precision": ("fp32", "bf16")}
     config_ranges = {**GatedMethod.config_ranges, "method.ema_momentum": (0, 1, True)}
@@ -72,8 +74,8 @@ class SPNet(GatedMethod):
         self.teacher_mode = str(cfg_get(c, "teacher_mode", "train"))
         self.teacher_buffers = str(cfg_get(c, "teacher_buffers", "copy"))
         self.teacher_precision = str(cfg_get(c, "teacher_precision", "fp32"))
-        if self.evo_form not in ("consecutive", "official"):
-            raise ValueError(f"evo_form must be 'consecutive' or 'official', got {self.evo_form!r}")
+        if self.evo_form not in EVO_FORMS:
+            raise ValueError(f"evo_form must be one of {', '.join(EVO_FORMS)}, got {self.evo_form!r}")
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"ema_momentum must lie in [0, 1], got {self.momentum}")
         if self.teacher_mode not in ("train", "eval"):
@@ -82,9 +84,12 @@ class SPNet(GatedMethod):
             raise ValueError(f"teacher_buffers must be 'copy', 'ema' or 'own', got {self.teacher_buffers!r}")
         if self.teacher_precision not in ("fp32", "bf16"):
             raise ValueError(f"teacher_precision must be 'fp32' or 'bf16', got {self.teacher_precision!r}")
-        if self.w_evo > 0 and not bool(cfg_get(c, "multi_stage_heads", False)):
+        within = self.evo_form == "within_stage"
+        if self.w_evo > 0 and not within and not bool(cfg_get(c, "multi_stage_heads", False)):
             raise ValueError("w_evo > 0 needs multi_stage_heads: true (L_evo uses the aligned stage features)")
+        unwrap_model(model).stage_taps = within and self.w_evo != 0.0
         self.reset_teacher(model)
+        self.teacher.stage_taps = False  # the teacher's features feed no loss
 
     # ------------------------------------------------------------------ teacher management
     def reset_teacher(self, model: torch.nn.Module) -> None:
@@ -200,7 +205,12 @@ class SPNet(GatedMethod):
             l_path = path_distill(out.gate_logits, t_out.gate_logits, self.gated_blocks)
         else:
             l_logits, l_path = zero, zero
-        l_evo = evolution_loss(out.stage_features, self.evo_form) if self.w_evo != 0.0 else zero
+        if self.w_evo == 0.0:
+            l_evo = zero
+        elif self.evo_form == "within_stage":
+            l_evo = within_stage_evolution_loss(out.stage_taps)
+        else:
+            l_evo = evolution_loss(out.stage_features, self.evo_form)
 
         total = (
             cls_loss
