@@ -72,6 +72,10 @@ class Tracking(Hook):
                 "target_rate": str(cfg.method.get("target_rate")), "world_size": str(loop.world)}
         loop.progress.run_id = loop.tracker.start(loop.progress.run_id, run_name(cfg), tags)
         loop.tracker.log_params(flatten(to_container(cfg)))  # the tracker masks secrets; the first values stay
+        if loop.table is not None:  # the GFLOPs conventions (models.cost): cost.convention, cost.*_layout
+            from ..models import cost_params
+
+            loop.tracker.log_params(cost_params(loop.table))
         loop.tracker.log_tags({"spnet.lr_used": f"{self.lr.base_lr:g}"})  # optim.lr after lr_reference_batch
         if loop.config_changes:
             record_changes(loop)

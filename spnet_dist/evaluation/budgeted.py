@@ -9,7 +9,8 @@ every earlier exit's head: ``models.cost.exit_macs``).
   exit's confidence ranking, counting only images that have not exited yet, until ⌊q_n·M⌋ of them exit
   (``fit_thresholds``; T_N = −10⁸, an unreachable count leaves T_n = +10⁸). An image exits at the first n with
   conf_n ≥ T_n; expected MACs = Σ_n (fraction exiting at n)·costs[n]. ``search_budget`` finds p (bisection on log p)
-  whose held-out expected MACs match a requested budget; ``budget_curve`` sweeps the official grid p = k/20.
+  whose held-out expected MACs match a requested budget; ``budget_curve`` sweeps the official grid p = k/20, by
+  default with the official flat rule (a threshold change is kept only if it raises held-out accuracy).
 """
 from __future__ import annotations
 
@@ -110,13 +111,32 @@ def search_budget(conf: Tensor, costs: Sequence[float], budget: float, lo: float
 
 
 def budget_curve(conf_fit: Tensor, conf_test: Tensor, correct_test: Tensor, costs: Sequence[float],
-                 ps: Sequence[float] | None = None) -> list[dict[str, float]]:
-    """Accuracy-vs-MACs points: thresholds fitted on ``conf_fit`` for each p, evaluated on the test statistics."""
-    out = []
+                 ps: Sequence[float] | None = None, correct_fit: Tensor | None = None,
+                 flat: bool = True) -> list[dict[str, Any]]:
+    """Accuracy-vs-MACs points: thresholds fitted on ``conf_fit`` for each p, evaluated on the test statistics.
+
+    ``flat`` (default; official ``adaptive_inference.py --flat_curve``, used by every budgeted evaluation script,
+    paper §Budgeted-batch: "we do not increase confidence threshold if this change does not bring performance
+    improvement", spec §6.f step 5): walking p upwards, a new p's thresholds are kept only if their *held-out*
+    accuracy (``correct_fit``) is strictly higher than that of the last kept ones; otherwise the point reports the
+    last kept thresholds' test accuracy at the new p's test MACs (``macs``, the budget; the official x value).
+    ``p_used`` / ``macs_used`` name the thresholds actually reported. Needs ``correct_fit``; ``flat=False`` reports
+    every p's own thresholds (the raw sweep).
+    """
+    if flat and correct_fit is None:
+        raise ValueError("the flat (monotone) budget curve needs the held-out correctness correct_fit")
+    out: list[dict[str, Any]] = []
+    fit_best, kept = -1.0, None  # official acc_val_last = -1: the first p is always kept
     for p in ps if ps is not None else p_grid():
         thr = fit_thresholds(conf_fit, exit_proportions(p, conf_fit.shape[0]))
         r = budgeted_result(conf_test, correct_test, thr, costs)
-        out.append({"p": float(p), "top1": r["top1"], "macs": r["macs"]})
+        point: dict[str, Any] = {"p": float(p), "top1": r["top1"], "macs": r["macs"]}
+        if flat:
+            fit_top1 = budgeted_result(conf_fit, correct_fit, thr, costs)["top1"]
+            if fit_top1 > fit_best:
+                fit_best, kept = fit_top1, (float(p), r["top1"], r["macs"])
+            point.update(top1=kept[1], p_used=kept[0], macs_used=kept[2], heldout_top1=fit_best)
+        out.append(point)
     return out
 
 

@@ -77,7 +77,8 @@ def _all_reduce(t: Tensor) -> Tensor:
 @register_method
 class BoostNet(Method):
     """Config keys: ``ensemble_weight`` (t = 0.5), ``exit_weights`` (w_n, default 1), ``grad_rescale`` (model),
-    ``target_rate`` (budget rate for the budgeted-batch point), ``heldout``, ``heldout_seed``."""
+    ``target_rate`` (budget rate for the budgeted-batch point), ``heldout``, ``heldout_seed``, ``flat_curve``
+    (``budget_curve`` with the official monotone rule, default true: ``evaluation.budgeted.budget_curve``)."""
 
     name = "boostnet"
 
@@ -105,6 +106,7 @@ class BoostNet(Method):
         self.target_rate = float(cfg_get(c, "target_rate", 0.7))
         self.heldout_spec = cfg_get(c, "heldout", 0.039)
         self.heldout_seed = int(cfg_get(c, "heldout_seed", 0))
+        self.flat_curve = bool(cfg_get(c, "flat_curve", True))  # official eval scripts pass --flat_curve (§6.f)
         self.heldout: dict[str, Any] | None = None  # {"indices", "n_train", "seed"} once known
         self.heldout_loader: Iterable | None = None  # programmatic override (tests); else built from the val loader
         self.heldout_trained_on = True  # until the trainer leaves the split out (train_exclusions)
@@ -189,7 +191,7 @@ class BoostNet(Method):
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, loader: Any, table: Any, execution: str = "dense") -> dict[str, Any]:
         from spnet_dist.evaluation.budgeted import anytime, budget_curve, budgeted_result, search_budget
-        from spnet_dist.models.cost import exit_macs
+        from spnet_dist.models.cost import cost_metrics, exit_macs
 
         net = unwrap_model(model)
         was_training = net.training
@@ -197,39 +199,42 @@ class BoostNet(Method):
         net.set_execution(execution)
         try:
             costs = exit_macs(table)
+            costs_paper = exit_macs(table.paper_view())  # the papers' v1 layout (spec §1.3)
             conf_val, correct_val = self._collect(net, loader)
             held = self._heldout_stats(net, loader)
             calib = "heldout" if held is not None and held[0].shape[1] > 0 else "val"
-            conf_fit = held[0] if calib == "heldout" else conf_val
+            conf_fit, correct_fit = held if calib == "heldout" else (conf_val, correct_val)
             budget = self.budget_macs(table)
             p, thr, fit_macs = search_budget(conf_fit, costs, budget)
-            real = self._early_exit_pass(net, loader, thr, costs)
+            real = self._early_exit_pass(net, loader, thr, costs, costs_paper)
         finally:
             net.set_execution("dense")
             net.train(was_training)
         sim = budgeted_result(conf_val, correct_val, thr, costs)
         exits = anytime(correct_val, costs)
         metrics: dict[str, Any] = {
-            **real,
-            "gflops_paper": 2 * real["macs_per_image"] / 1e9,
+            **real, **cost_metrics(table, real["macs_per_image"], real["macs_paper"]),
             "budget_macs": budget, "budget_fit_macs": fit_macs, "budget_p": p, "calibration": calib,
             "heldout_images": int(conf_fit.shape[1]) if calib == "heldout" else 0,
             "heldout_trained_on": self.heldout_trained_on if calib == "heldout" else None,
             "thresholds": [float(v) for v in thr], "simulated_top1": sim["top1"], "simulated_macs": sim["macs"],
             "exits": exits, "anytime_top1": exits[-1]["top1"], "full_macs": costs[-1],
-            "budget_curve": budget_curve(conf_fit, conf_val, correct_val, costs),
+            "budget_curve": budget_curve(conf_fit, conf_val, correct_val, costs, correct_fit=correct_fit,
+                                         flat=self.flat_curve),
         }
         for e in exits:
             metrics[f"exit{e['exit']}_top1"] = e["top1"]
             metrics[f"exit{e['exit']}_macs"] = e["macs"]
         return metrics
 
-    def _early_exit_pass(self, net: torch.nn.Module, loader: Iterable, thr: Tensor, costs: list[float]
-                         ) -> dict[str, Any]:
-        """Validation with real early exits; sums all-reduced over ranks."""
+    def _early_exit_pass(self, net: torch.nn.Module, loader: Iterable, thr: Tensor, costs: list[float],
+                         costs_paper: list[float] | None = None) -> dict[str, Any]:
+        """Validation with real early exits; sums all-reduced over ranks. ``macs_paper``: the same exits counted
+        with ``costs_paper`` (default ``costs``)."""
         n_exits, n_blocks = len(costs), net.num_blocks
         c = torch.tensor(costs, dtype=torch.float64)
-        sums = torch.zeros(4 + n_exits + n_blocks, dtype=torch.float64)  # top1, top5, macs, n, exits, blocks
+        cp = torch.tensor(costs_paper if costs_paper is not None else costs, dtype=torch.float64)
+        sums = torch.zeros(5 + n_exits + n_blocks, dtype=torch.float64)  # top1, top5, macs, n, exits, blocks, v1
         for batch in loader:
             images, labels = batch[0], batch[1]
             res = net.early_exit_forward(images, thr.tolist(), self.t)
@@ -238,13 +243,15 @@ class BoostNet(Method):
             row = torch.cat([
                 torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum()]).double().cpu(),
                 c[ex].sum().view(1), torch.tensor([float(labels.numel())], dtype=torch.float64),
-                torch.bincount(ex, minlength=n_exits).double(), res.reached.double().sum(0).cpu()])
+                torch.bincount(ex, minlength=n_exits).double(), res.reached.double().sum(0).cpu(),
+                cp[ex].sum().view(1)])
             sums += row
         sums = _all_reduce(sums.to(D.comm_device())).cpu()
         n = max(1.0, float(sums[3]))
-        rates = (sums[4 + n_exits:] / n).tolist()
+        rates = (sums[4 + n_exits:-1] / n).tolist()
         return {"top1": float(sums[0]) / n, "top5": float(sums[1]) / n, "macs_per_image": float(sums[2]) / n,
-                "exec_rate": sum(rates) / max(1, len(rates)), "block_rates": [round(r, 4) for r in rates],
+                "macs_paper": float(sums[-1]) / n, "exec_rate": sum(rates) / max(1, len(rates)),
+                "block_rates": [round(r, 4) for r in rates],
                 "exit_fractions": [round(float(v) / n, 4) for v in sums[4:4 + n_exits]], "val_images": int(n)}
 
     # ------------------------------------------------------------------ state

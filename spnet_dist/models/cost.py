@@ -13,6 +13,13 @@ Finer views of the same count (for peer methods):
   block_fixed   per block, the always-executed part (projection shortcut + router);
   head_macs     per auxiliary head k (alignment + classifier of stage k);
   ``exit_macs`` cumulative MACs per image up to each stage's exit, earlier exits' heads included (BoostNet).
+
+Two conventions are reported side by side (spec §1.3 "log both v1 and v1.5 figures; state which one is used"):
+  ``gflops_paper``   2 × MACs counted in the papers' ResNet v1 layout (stride on the first 1×1; ResNet-50 at full
+                     execution 7.716, the tables' 7.72), with the same per-image gate decisions;
+  ``gflops_trained`` 2 × MACs of the trained network's own layout (torchvision v1.5: 8.178 for ResNet-50), = 2 ×
+                     ``macs_per_image``. Basic-block (CIFAR) ResNets have one layout: both agree.
+``CostTable.paper`` holds the v1 table (None when the own layout already is the papers').
 """
 from __future__ import annotations
 
@@ -44,6 +51,12 @@ class CostTable:
     block_layers: list[dict[str, float]] = field(default_factory=list)  # per block: {layer name in block: MACs}
     block_fixed: list[float] = field(default_factory=list)  # per block: projection + router (always run)
     head_macs: list[float] = field(default_factory=list)    # per auxiliary head (stage k < last): align + fc
+    layout: str = ""             # "ResNet v1.5 layout" | "ResNet v1 layout" | "basic blocks"
+    paper: "CostTable | None" = None  # the same network counted in the papers' v1 layout (None: same as this)
+
+    def paper_view(self) -> "CostTable":
+        """The table in the papers' convention (ResNet v1 layout, spec §1.3): ``paper`` or this table."""
+        return self.paper if self.paper is not None else self
 
     def full(self, include_heads: bool = False) -> float:
         """MACs per image with every block executed."""
@@ -58,6 +71,31 @@ class CostTable:
         return asdict(self)
 
 
+PAPER_LAYOUT = "v1"  # spec §1.3: the papers' 7.72 GFLOPs for ResNet-50 = 2 x MACs of ResNet v1
+
+
+def cost_convention(table: CostTable) -> str:
+    """One line naming both conventions (MLflow param ``cost.convention``, JSON key ``cost_convention``)."""
+    return (f"gflops_paper = 2 x MACs in the papers' ResNet {PAPER_LAYOUT} layout (stride on the first 1x1; "
+            f"spec 1.3); gflops_trained = 2 x macs_per_image in the trained network's {table.layout}; "
+            f"Conv2d+Linear multiply-accumulates from the hard gate decisions per image")
+
+
+def cost_metrics(table: CostTable, macs: float, macs_paper: float) -> dict[str, Any]:
+    """Evaluation keys for mean per-image MACs in the trained layout (``macs``) and in the papers' (``macs_paper``)."""
+    return {"macs_per_image": macs, "gflops_trained": 2 * macs / 1e9, "macs_paper": macs_paper,
+            "gflops_paper": 2 * macs_paper / 1e9, "cost_convention": cost_convention(table)}
+
+
+def cost_params(table: CostTable) -> dict[str, str]:
+    """MLflow params naming the convention and the full-execution figures of both layouts."""
+    paper = table.paper_view()
+    return {"cost.convention": cost_convention(table), "cost.paper_layout": PAPER_LAYOUT,
+            "cost.trained_layout": table.layout,
+            "cost.full_gflops_paper": f"{2 * paper.full() / 1e9:.4f}",
+            "cost.full_gflops_trained": f"{2 * table.full() / 1e9:.4f}"}
+
+
 def full_macs(table: CostTable, include_heads: bool = False) -> float:
     return table.full(include_heads)
 
@@ -69,6 +107,45 @@ def macs_per_image(table: CostTable, gates: torch.Tensor, include_heads: bool = 
     blocks = torch.tensor(table.blocks, dtype=torch.float64, device=gates.device)
     extra = table.fixed + (table.heads if include_heads else 0.0)
     return gates.to(torch.float64) @ blocks + extra
+
+
+def _subset_fractions(table: CostTable, b: int) -> list[tuple[float, float]]:
+    """(fraction of block b's branch MACs in this layout, the same layers' fraction in the papers') per layer subset."""
+    import itertools
+
+    paper = table.paper_view()
+    own, ref = table.block_layers[b], paper.block_layers[b]
+    names = sorted(own)
+    out = []
+    for k in range(1, len(names)):
+        for sub in itertools.combinations(names, k):
+            out.append((sum(own[n] for n in sub) / table.blocks[b], sum(ref[n] for n in sub) / paper.blocks[b]))
+    return out
+
+
+def paper_gates(table: CostTable, gates: torch.Tensor) -> torch.Tensor:
+    """Gate values (executed fraction of each branch's MACs) re-expressed for ``table.paper_view()``.
+
+    0 and 1 stay; a partial value (RDI-Net's light path: ``option_fractions``) is matched to the subset of the block's
+    layers with that fraction in this layout and replaced by the same layers' fraction in the v1 layout (a stride
+    moved from the 3×3 to the first 1×1 changes how much of the branch a 1×1 path costs).
+    """
+    if table.paper is None:
+        return gates
+    g = gates.to(torch.float64)
+    partial = (g > 1e-6) & (g < 1 - 1e-6)
+    if not bool(partial.any()):
+        return g
+    out = g.clone()
+    for b in torch.nonzero(partial.any(0)).flatten().tolist():
+        pairs = _subset_fractions(table, b)
+        own = torch.tensor([f for f, _ in pairs], dtype=torch.float64, device=g.device)
+        ref = torch.tensor([f for _, f in pairs], dtype=torch.float64, device=g.device)
+        col = g[:, b]
+        nearest = (col[:, None] - own[None, :]).abs().argmin(1)
+        close = (col - own[nearest]).abs() < 1e-3
+        out[:, b] = torch.where(partial[:, b] & close, ref[nearest], col)  # unknown partial values stay as given
+    return out
 
 
 def option_fractions(table: CostTable, layers: Sequence[Sequence[str]]) -> list[float]:
@@ -165,11 +242,12 @@ def _layer_macs(mod: nn.Module, out: torch.Tensor) -> float:
 
 
 def cost_table(model: nn.Module, image_size: int | tuple[int, int] | None = None,
-               variant: str | None = None) -> CostTable:
+               variant: str | None = None, paper: bool = True) -> CostTable:
     """Per-image MAC table of a DynamicResNet at ``image_size`` (default: the model's ``image_size``).
 
     ``variant`` ("v1" | "v1.5") counts a bottleneck model in the other stride layout without changing it
     (the papers' ResNet-50 baseline 7.72 GFLOPs = 2 × v1 MACs; the trained torchvision layout is v1.5).
+    ``paper``: also count the papers' v1 layout into ``.paper`` when this table's layout differs from it.
     """
     m = _unwrap(model)
     size = image_size if image_size is not None else m.image_size
@@ -216,11 +294,15 @@ def cost_table(model: nn.Module, image_size: int | tuple[int, int] | None = None
         m.train(state[0])
         m.execution, m._forced = state[1], state[2]
     fixed = acc["stem"] + acc["projections"] + acc["routers"] + acc["classifier"]
-    layout = f"ResNet {used} layout" if any(isinstance(b, Bottleneck) for b in m.blocks()) else "basic blocks"
+    bottleneck = any(isinstance(b, Bottleneck) for b in m.blocks())
+    layout = f"ResNet {used} layout" if bottleneck else "basic blocks"
     convention = (f"MACs = multiply-accumulates of Conv2d+Linear layers (no BN/ReLU/pool/bias), {layout}, "
-                  f"{h}x{w} input; papers' GFLOPs = 2 x MACs")
-    return CostTable(fixed=fixed, blocks=blocks, heads=acc["heads"], convention=convention,
-                     backbone_full=acc["stem"] + acc["projections"] + acc["classifier"] + sum(blocks),
-                     routers=acc["routers"], breakdown={k: v for k, v in acc.items() if k != "heads"},
-                     block_names=names, gated=list(m.gated_blocks), image_size=(h, w), variant=used,
-                     block_layers=block_layers, block_fixed=block_fixed, head_macs=head_macs)
+                  f"{h}x{w} input; GFLOPs = 2 x MACs (the papers' tables: ResNet v1 layout, spec 1.3)")
+    table = CostTable(fixed=fixed, blocks=blocks, heads=acc["heads"], convention=convention,
+                      backbone_full=acc["stem"] + acc["projections"] + acc["classifier"] + sum(blocks),
+                      routers=acc["routers"], breakdown={k: v for k, v in acc.items() if k != "heads"},
+                      block_names=names, gated=list(m.gated_blocks), image_size=(h, w), variant=used,
+                      block_layers=block_layers, block_fixed=block_fixed, head_macs=head_macs, layout=layout)
+    if paper and bottleneck and used != PAPER_LAYOUT:
+        table.paper = cost_table(m, (h, w), variant=PAPER_LAYOUT, paper=False)
+    return table

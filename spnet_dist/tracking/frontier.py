@@ -1,9 +1,12 @@
 """Cost–accuracy frontier of an experiment's finished runs, logged to MLflow as a run of its own.
 
-A run contributes one point: cost c = ``val/macs_per_image`` (multiply-adds per image from hard gate decisions;
-if only ``val/gflops_paper`` was logged, c = gflops_paper / 2 x 1e9) and accuracy a = ``val/top1``, each the
-run's latest value (MLflow's "latest": highest step). Only runs with status FINISHED and both values finite count;
-frontier runs themselves (tag ``spnet.kind=frontier``) are never points.
+A run contributes one point: cost c = ``gflops_paper`` = 2 x ``val/macs_paper`` / 1e9 (multiply-adds per image from
+hard gate decisions, counted in the papers' ResNet v1 layout: ``models.cost``, spec §1.3 — the convention of the
+``--reference`` rows) and accuracy a = ``val/top1``, each the run's latest value (MLflow's "latest": highest step).
+A run logged before the v1 count existed (no ``val/macs_paper``) is placed at 2 x ``val/macs_per_image`` / 1e9 (its
+trained layout; else its ``val/gflops_paper``) and marked ``cost_convention: trained layout (legacy run)``.
+Only runs with status FINISHED and both values finite count; frontier runs themselves (tag
+``spnet.kind=frontier``) are never points.
 
 Dominance: p dominates q  iff  c_p <= c_q and a_p >= a_q and (c_p < c_q or a_p > a_q)  (values compared exactly as
 stored, no tolerance). The frontier is the set of points no other point dominates. Hence ties: points with equal
@@ -17,7 +20,9 @@ import time
 from typing import Any, Sequence
 
 KIND_TAG = "spnet.kind"
-CONVENTION = "gflops_paper = 2 x macs_per_image / 1e9 (the papers' GMACCs); top1 as a fraction"
+CONVENTION = ("gflops_paper = 2 x macs_paper / 1e9: multiply-adds in the papers' ResNet v1 layout (their GMACCs; "
+              "ResNet-50 7.72), as the reference rows; top1 as a fraction")
+PAPER, LEGACY = "papers' v1 layout", "trained layout (legacy run)"
 
 
 def pareto_flags(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -75,18 +80,20 @@ def collect_points(client: Any, experiment_id: str) -> tuple[list[dict[str, Any]
         if not (_finite(top1) and _finite(macs)):
             skipped += 1
             continue
+        v1 = m.get("val/macs_paper")
+        gflops, convention = (2 * float(v1) / 1e9, PAPER) if _finite(v1) else (2 * float(macs) / 1e9, LEGACY)
         t = r.data.tags
         points.append({"run_id": r.info.run_id, "run_name": r.info.run_name or r.info.run_id[:8],
                        "method": t.get("method", ""), "backbone": t.get("backbone", ""),
                        "target_rate": t.get("target_rate", ""), "macs_per_image": float(macs),
-                       "gflops_paper": 2 * float(macs) / 1e9, "top1": float(top1),
+                       "gflops_paper": gflops, "cost_convention": convention, "top1": float(top1),
                        "top5": m.get("val/top5"), "exec_rate": m.get("val/exec_rate"), "source": "run"})
     return points, skipped
 
 
 def mark_frontier(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add ``on_frontier``, ``dominated_by`` (run id / label) and ``tied_with`` to each point."""
-    xy = [(p["macs_per_image"], p["top1"]) for p in points]
+    """Add ``on_frontier``, ``dominated_by`` (run id / label) and ``tied_with`` to each point (cost: gflops_paper)."""
+    xy = [(p["gflops_paper"], p["top1"]) for p in points]
     flags = pareto_flags(xy)
     name = (lambda p: p.get("run_id") or p.get("label"))
     for i, p in enumerate(points):
@@ -171,12 +178,14 @@ def frontier(uri: str, experiment: str, reference: bool = False) -> dict[str, An
     points, skipped = collect_points(client, exp.experiment_id)
     mark_frontier(points)
     refs = mark_frontier(_reference()) if reference else None
-    front = sorted((p for p in points if p["on_frontier"]), key=lambda p: (p["macs_per_image"], -p["top1"]))
+    front = sorted((p for p in points if p["on_frontier"]), key=lambda p: (p["gflops_paper"], -p["top1"]))
+    legacy = sum(p["cost_convention"] == LEGACY for p in points)
 
     title = (f"Cost-accuracy frontier of experiment '{experiment}': {len(front)} of {len(points)} finished runs"
              + (" (+ published ImageNet rows)" if reference else ""))
     rows = [{k: p.get(k) for k in ("source", "run_id", "run_name", "label", "method", "backbone", "target_rate",
-                                   "macs_per_image", "gflops_paper", "top1", "top5", "exec_rate", "on_frontier",
+                                   "macs_per_image", "gflops_paper", "cost_convention", "top1", "top5", "exec_rate",
+                                   "on_frontier",
                                    "dominated_by", "tied_with")} for p in points + (refs or [])]
     run = client.create_run(exp.experiment_id, run_name="frontier",
                             tags={KIND_TAG: "frontier", "spnet.frontier.reference": str(bool(reference)).lower(),
@@ -208,7 +217,7 @@ def frontier(uri: str, experiment: str, reference: bool = False) -> dict[str, An
         client.set_terminated(rid, "FAILED")
         raise
     return {"experiment": experiment, "experiment_id": exp.experiment_id, "frontier_run_id": rid,
-            "runs": len(points), "skipped_runs": skipped, "reference": bool(reference),
+            "runs": len(points), "skipped_runs": skipped, "reference": bool(reference), "legacy_cost_runs": legacy,
             "frontier": [{k: p[k] for k in ("run_id", "run_name", "macs_per_image", "gflops_paper", "top1",
                                             "tied_with")} for p in front],
             "artifacts": ["pareto.png", "frontier.json", "frontier.csv"], "convention": CONVENTION,

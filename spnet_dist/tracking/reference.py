@@ -2,8 +2,9 @@
 
 Source: SP-Net (Slowly Progressing Dynamic Inference Networks, ECCV 2022), table "Comparison with
 state-of-the-arts on ImageNet" (project overview, shared/papers/spnet-eccv2022-overview.txt). Numbers are copied
-as printed. Convention of the papers: "GMACCs" = 2 x multiply-adds of ResNet v1 (ResNet-50: 7.72), i.e. the same
-number as ``gflops_paper`` / ``val/gflops_paper`` here; ``macs_per_image`` = GFLOPs / 2 x 1e9. Top-1 in percent.
+as printed. Convention of the papers: "GMACCs" = 2 x multiply-adds of ResNet v1 (ResNet-50: 7.72, spec §1.3), i.e.
+the same number as ``gflops_paper`` / ``val/gflops_paper`` of a run here (counted in the v1 layout whatever layout was
+trained; the trained layout's own count is ``gflops_trained``); ``macs_per_image`` = GFLOPs / 2 x 1e9. Top-1 in %.
 The table's early-prediction rows on other backbones (MSDN, RA-Net, IamNN, ACT, SACT) are not included.
 """
 from __future__ import annotations
@@ -28,4 +29,5 @@ IMAGENET: list[tuple[str, str, float, float, str]] = [
 def reference_points() -> list[dict]:
     """The rows above as frontier points (``macs_per_image`` derived from the 2 x MAC figure)."""
     return [{"label": f"{m} ({b})", "method": m, "backbone": b, "gflops_paper": g, "top1": t / 100.0,
-             "macs_per_image": g / 2 * 1e9, "kind": k, "source": "paper"} for m, b, g, t, k in IMAGENET]
+             "macs_per_image": g / 2 * 1e9, "cost_convention": "papers' v1 layout", "kind": k, "source": "paper"}
+            for m, b, g, t, k in IMAGENET]
