@@ -18,7 +18,7 @@ from .gumbel import gumbel_st
 from .heads import MultiStageHeads
 from .output import ModelOutput
 from .lean_ops import global_avg_pool
-from .routers import build_router
+from .routers import build_router, init_routers
 
 EXECUTION_MODES = ("dense", "skip")
 NUM_OPTIONS = 2  # skip / execute; index 1 = execute
@@ -85,6 +85,7 @@ class DynamicResNet(nn.Module):
             if g:
                 blk.router = build_router(router, blk.conv1.in_channels)
         self.gated_blocks = [blk.router is not None for blk in self.blocks()]
+        init_routers((blk.router for blk in self.blocks()), stem)  # gate init after the backbone's (AIG: spec §2.b)
 
         self.aux = MultiStageHeads(self.stage_channels, num_classes) if multi_stage_heads else None
         self.multi_stage_heads = bool(multi_stage_heads)

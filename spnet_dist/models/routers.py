@@ -5,7 +5,8 @@ Index 1 = "execute", index 0 = "skip" (AIG / SP-Net convention). RDI-Net's relat
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import torch
@@ -54,24 +55,56 @@ class SPNetRouter(nn.Module):
         return self.fc2(self.drop(F.relu(_bn(self.bn, h))))
 
 
+AIG_INITS = ("official", "he_fan_out", "pytorch")
+
+
 class AIGGate(nn.Module):
     """ConvNet-AIG gate: GAP → 1×1 conv(C→hidden, bias) → BN2d → ReLU → 1×1 conv(hidden→options).
 
-    Last conv: weight N(0, 0.001), bias ``bias_init``.
+    Init (``init_weights``, run again by ``DynamicResNet`` once the gates are attached, after the backbone init):
+    ``init="official"`` (default; spec §2.b, official ``convnet_aig.py``): ImageNet models — fc1 weight
+    N(0, √(2/(k·k·C_out))) = N(0, √(2/16)) from the official init loop over every Conv2d, fc1 bias PyTorch's
+    default U(±1/√C_in) (the loop leaves conv biases alone); CIFAR models — fc1 PyTorch's default (the official
+    ``ResNet_cifar`` loop only touches fc2). Always: fc2 weight N(0, 0.001), fc2 bias ``bias_init``; BN γ = 1, β = 0.
+    ``he_fan_out``: the ImageNet fc1 rule for every stem; ``pytorch``: PyTorch's default fc1 for every stem.
     """
 
     def __init__(self, c_in: int, hidden: int = 16, bias_init: tuple[float, ...] = (0.1, 2.0),
-                 options: int = 2) -> None:
+                 options: int = 2, init: str = "official") -> None:
         super().__init__()
+        if init not in AIG_INITS:
+            raise ValueError(f"unknown AIG gate init {init!r}; valid: {list(AIG_INITS)}")
+        self.init, self.bias_init, self.options = init, tuple(bias_init), options
         self.fc1 = nn.Conv2d(c_in, hidden, 1, bias=True)
         self.bn = nn.BatchNorm2d(hidden)
         self.fc2 = nn.Conv2d(hidden, options, 1, bias=True)
+        self.init_weights()
+
+    def init_weights(self, stem: str = "imagenet") -> None:
+        """The gate's init for a model with this ``stem`` ("imagenet" | "cifar"); see the class docstring."""
+        he = self.init == "he_fan_out" or (self.init == "official" and stem != "cifar")
+        if he:
+            k = self.fc1.kernel_size[0] * self.fc1.kernel_size[1] * self.fc1.out_channels
+            nn.init.normal_(self.fc1.weight, 0.0, math.sqrt(2.0 / k))
+            bound = 1.0 / math.sqrt(self.fc1.in_channels * self.fc1.kernel_size[0] * self.fc1.kernel_size[1])
+            nn.init.uniform_(self.fc1.bias, -bound, bound)  # PyTorch's default conv bias, kept by the official loop
+        else:
+            self.fc1.reset_parameters()
+        self.bn.reset_parameters()
         nn.init.normal_(self.fc2.weight, 0.0, 0.001)
-        _init_bias(self.fc2, bias_init, options)
+        _init_bias(self.fc2, self.bias_init, self.options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(_bn(self.bn, self.fc1(global_avg_pool(x)[:, :, None, None])))
         return torch.flatten(self.fc2(h), 1)
+
+
+def init_routers(routers: Iterable[nn.Module | None], stem: str) -> None:
+    """Explicit gate-init step after the routers are attached (the backbone init has run before them): every
+    router with an ``init_weights(stem)`` method (ConvNet-AIG's) gets its official init for that stem."""
+    for r in routers:
+        if r is not None and hasattr(r, "init_weights"):
+            r.init_weights(stem)
 
 
 def relation_adjacency(r: int, gamma: float) -> torch.Tensor:
