@@ -54,6 +54,7 @@ def test_yaml_matches_registry(path: Path) -> None:
     cfg = yaml.safe_load(path.read_text())
     assert cfg["name"] == path.stem
     assert cfg["num_classes"] == "auto"  # the pre-flight counts the class folders; the registry keeps a number
+    assert cfg.pop("sync_bn") is False  # an engine key (registry.RUN_KEYS): off unless asked
     assert cfg == {**MODELS[path.stem], "num_classes": "auto"}
 
 
