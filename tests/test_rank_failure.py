@@ -85,6 +85,11 @@ def test_srun_lines_name_the_task_and_the_cause():
                        {"node": "n1", "rank": 1, "signal": "SIGKILL", "exit_code": None}],
                       lost=[{"rank": 1, "node": "n1", "pid": 5, "silent_s": 31}])
     assert frozen["rank"] == 1 and frozen["cause"] == "stopped answering" and frozen["transient"]
+    killed = classify([{"node": "n1", "rank": 1, "signal": "SIGKILL", "exit_code": None}],  # silent only while
+                      lost=[{"rank": 1, "node": "n1", "pid": 5, "silent_s": 4.6, "stale_s": 300}])  # the others probed
+    assert killed["cause"] == "killed by SIGKILL" and killed["transient"]
+    unreported = classify([], lost=[{"rank": 1, "node": "n1", "pid": 5, "silent_s": 4.6, "stale_s": 300}])
+    assert unreported["cause"] == "stopped answering"
 
 
 def test_an_ordinary_error_is_not_a_peer_failure():

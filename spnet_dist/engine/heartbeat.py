@@ -106,7 +106,7 @@ class Heartbeat(threading.Thread):
             host = "torchrun's agent" if "TORCHELASTIC_RUN_ID" in os.environ else "rank 0"
             return [{**self._who(0), "silent_s": round(now - self.store_ok_at, 1),
                      "what": f"the rendezvous store at {self.where} ({host})"}]
-        return [{**self._who(r), "silent_s": round(now - self.last_change[r], 1)}
+        return [{**self._who(r), "silent_s": round(now - self.last_change[r], 1), "stale_s": self.stale_s}
                 for r in range(self.world) if r != self.rank and self.last_change[r] < since]
 
     def _who(self, r: int) -> dict[str, Any]:

@@ -62,7 +62,10 @@ def classify(failures: list[dict[str, Any]], lost: list[dict[str, Any]]) -> dict
     """The failure that ended the job: a rank the others found silent (heartbeat), else the first task srun
     reported that was not a survivor (exit 76) or a clean stop (exit 75); with ``transient`` for requeueing."""
     by_rank = {f["rank"]: f for f in failures}
-    silent = [x for x in lost if "silent_s" in x and not x.get("what")]
+    # a rank killed by a signal is also silent to the others, for the few seconds of their probe; one silent for
+    # about the collective timeout froze (srun then reports the SIGKILL it sent itself)
+    silent = [x for x in lost if "silent_s" in x and not x.get("what")
+              and (x["silent_s"] >= 0.5 * float(x.get("stale_s", 0)) or x["rank"] not in by_rank)]
     if silent:
         x = silent[0]
         return {"rank": x["rank"], "node": x.get("node") or by_rank.get(x["rank"], {}).get("node"),
