@@ -12,6 +12,7 @@ import yaml
 from spnet_dist.methods import build_method, prepare_method_cfg
 from spnet_dist.methods.losses import cost_loss, histogram_features, pairwise_l2, rank_loss, srm_triplets
 from spnet_dist.models import build_model, cost_table, macs_per_image
+from spnet_dist.models.backbone import Bottleneck
 from spnet_dist.models.rdinet import FULL, LIGHT, SKIP, RDIResNet, route_of
 from spnet_dist.models.routers import RelationalRouter, relation_adjacency
 
@@ -275,3 +276,92 @@ def test_training_runs_every_path_so_all_ranks_have_the_same_gradients():
     m._dense_block(blk, x, z).sum().backward()
     assert blk.conv2.weight.grad is not None and not blk.conv2.weight.grad.any()
     assert blk.conv1.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- binary option (Eq. 8-9)
+BINARY = {"type": "relational", "options": 2, "d": 16, "r": 2, "gamma": 0.5, "dropout": 0.0}
+
+
+class FixedLogits(nn.Module):
+    """A stand-in router returning given logits (and appending nothing to the relational context)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x, context=None):
+        return self.logits
+
+
+def test_binary_soft_relaxation_matches_eq9_on_a_hand_example(monkeypatch):
+    """Eq. 8: v = softmax((ℓ + G)/τ)[1]; Eq. 9: x' = v·F(x) + (1 − v)·x. Hand example: ℓ = (0, ln 3) and (ln 3, 0),
+    τ = 1, the same Gumbel draw G for both options (constant uniform noise) → v = 3/4 and 1/4. The block: identity
+    shortcut, branch ≡ −1 (zero convs, BN3 shift −1), so F(x) = ReLU(x − 1). Image 1: x = 2 → F = 1,
+    x' = 0.75·1 + 0.25·2 = 1.25; image 2: x = 0.5 → F = 0, x' = 0.25·0 + 0.75·0.5 = 0.375 (mixing inside the ReLU,
+    ReLU(x + v·branch), would give 1.25 and 0.25)."""
+    m, _ = make(usw_epochs=0, router=BINARY)
+    assert m.num_options == 2 and m.relaxation == "soft"
+    blk = m.layer1[0]
+    ln3 = float(torch.log(torch.tensor(3.0)))
+    blk.router = FixedLogits(torch.tensor([[0.0, ln3], [ln3, 0.0]]))
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, 0.5))  # G equal for both options
+    m.train()
+    z, _ = m._gate(blk, torch.zeros(2, 16, 4, 4))
+    assert torch.allclose(z, torch.tensor([[0.25, 0.75], [0.75, 0.25]]))  # soft in training
+    assert torch.allclose(m._gate_value(blk, z), torch.tensor([0.75, 0.25]))  # gates hold v
+
+    hand = Bottleneck(4, 1)  # 4 -> 1 -> 1 -> 4 channels, stride 1: identity shortcut
+    with torch.no_grad():
+        for conv in (hand.conv1, hand.conv2, hand.conv3):
+            conv.weight.zero_()
+        hand.bn3.bias.fill_(-1.0)
+    hand.eval()  # BN: running mean 0, var 1 → branch = −1 (eps 1e-5 scales 0 only)
+    x = torch.tensor([2.0, 0.5]).view(2, 1, 1, 1).expand(2, 4, 3, 3).contiguous()
+    out = RDIResNet._dense_block(hand, x, z)
+    assert torch.allclose(out[:, :, 0, 0], torch.tensor([[1.25] * 4, [0.375] * 4]))
+
+    m.eval()  # evaluation: hard argmax decisions
+    z_eval, _ = m._gate(blk, torch.zeros(2, 16, 4, 4))
+    assert torch.equal(z_eval, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+
+
+def test_binary_model_and_method():
+    m, method = make(usw_epochs=0, router=BINARY)
+    x, y = images(8), torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
+    m.train()
+    out = m(x)
+    assert out.gate_logits.shape == (8, 4, 2)
+    assert ((out.gates > 0) & (out.gates < 1)).any()  # soft v in training
+    loss, logs = method.loss(m, x, y, out)
+    assert logs["rate_loss"].item() == pytest.approx(((out.gates.mean(0) - 0.7) ** 2).sum().item(), rel=1e-5)
+    assert logs["light_rate"].item() == 0.0
+    assert logs["full_rate"].item() == pytest.approx(out.gates.mean().item(), rel=1e-5)
+    assert logs["srm_triplets"].item() > 0
+    loss.backward()
+    assert all(p.grad is not None for p in m.router_parameters())
+    m.eval()
+    with torch.no_grad():
+        for blk in m.blocks():
+            blk.router.fc2.weight.normal_(0, 5.0)
+        dense = m(x)
+        m.set_execution("skip")
+        skip = m(x)
+        m.set_execution("dense")
+    assert set(dense.gates.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(dense.logits, skip.logits, atol=1e-5) and torch.equal(dense.gates, skip.gates)
+    usw, _ = make(usw_epochs=1, router=BINARY)  # warm-up: skip / execute drawn uniformly
+    usw.train()
+    with torch.no_grad():
+        assert set(usw(images(16)).gates.unique().tolist()) == {0.0, 1.0}
+
+
+def test_router_option_checks():
+    with pytest.raises(ValueError, match="relaxation=soft needs router.options=2"):
+        make(router={"type": "relational", "relaxation": "soft"})
+    with pytest.raises(ValueError, match="3 options .* or 2"):
+        make(router={"type": "relational", "options": 4})
+    m, _ = make(usw_epochs=0, router={**BINARY, "relaxation": "hard_st"})
+    m.train()
+    with torch.no_grad():
+        assert set(m(images(8)).gates.unique().tolist()) <= {0.0, 1.0}  # binary with hard straight-through
+    assert make()[0].relaxation == "hard_st" and make()[0].num_options == 3  # the default

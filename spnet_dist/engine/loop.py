@@ -21,6 +21,7 @@ from .. import distributed as D
 from ..errors import SpnetError
 from . import preempt
 from .hook import Hook, StepResult
+from .phase_params import excluded_from_step
 
 log = logging.getLogger("spnet.train")
 
@@ -102,8 +103,9 @@ class TrainLoop:
             self.on_nonfinite(prog.step + 1, loss, terms)
         prog.step += 1
         prog.batch_in_epoch += 1
-        if finite:
-            engine.step()
+        if finite:  # parameters outside the method's current phase are left out of the step (phase_params.py)
+            with excluded_from_step(engine, self.method.inactive_parameters()):
+                engine.step()
         return StepResult(loss.detach(), terms, finite, stop, images.shape[0] * self.world)
 
     def on_nonfinite(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:

@@ -96,13 +96,14 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
-def param_groups(model: torch.nn.Module, no_decay_bn: bool, lr: float, router_lr_mult: float = 1.0
-                 ) -> list[dict[str, Any]]:
-    """One group (the papers' recipe); with ``router_lr_mult`` ≠ 1 the routers' parameters in a group of their own
+def param_groups(model: torch.nn.Module, no_decay_bn: bool, lr: float, router_lr_mult: float = 1.0,
+                 router_group: bool = False) -> list[dict[str, Any]]:
+    """One group (the papers' recipe); with ``router_lr_mult`` ≠ 1 (or ``router_group``: the method's phases leave
+    the routers out of some steps, ``Method.router_param_group``) the routers' parameters in a group of their own
     at ``lr`` × that (its ``lr_mult`` key tells the LR schedule); with ``+optim.no_decay_bn=true`` the 1-D
     parameters (BN scales/shifts, biases) of each group in a group without weight decay."""
-    routers = (list(model.router_parameters()) if router_lr_mult != 1.0 and hasattr(model, "router_parameters")
-               else [])
+    routers = (list(model.router_parameters())
+               if (router_lr_mult != 1.0 or router_group) and hasattr(model, "router_parameters") else [])
     ids = {id(p) for p in routers}
     parts: list[tuple[dict[str, Any], list[torch.nn.Parameter]]] = [
         ({}, [p for p in model.parameters() if id(p) not in ids])]
@@ -118,12 +119,12 @@ def param_groups(model: torch.nn.Module, no_decay_bn: bool, lr: float, router_lr
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.SGD:
+def build_optimizer(model: torch.nn.Module, optim: Any, router_group: bool = False) -> torch.optim.SGD:
     """SGD of ``optim`` (lr, momentum, weight_decay, nesterov, fused, no_decay_bn, router_lr_mult, grad_clamp).
     ``fused``: one multi-tensor kernel per step (CPU and CUDA) instead of torch's per-parameter loop (SP-Net
     ResNet-50 on CPU under ZeRO-1: 203 → 151 ms per optimizer step, BENCHMARKS.md)."""
     groups = param_groups(model, bool(optim.get("no_decay_bn", False)), float(optim["lr"]),
-                          float(optim.get("router_lr_mult", 1.0)))
+                          float(optim.get("router_lr_mult", 1.0)), router_group)
     sgd = torch.optim.SGD(groups, lr=optim["lr"],
                           momentum=optim["momentum"], weight_decay=optim["weight_decay"],
                           nesterov=bool(optim.get("nesterov", False)), fused=bool(optim.get("fused", False)) or None)

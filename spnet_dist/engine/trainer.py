@@ -136,6 +136,7 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
 
     from ..data.preflight import plan_data, resolve_num_classes
     from ..methods import build_method
+    from ..methods.base import method_class
     from ..methods.build import build_from_config
     from ..models import cost_table
     from ..tracking.tracker import Tracker
@@ -151,7 +152,7 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
     resolve_num_classes(cfg, plan)  # model.num_classes=auto: a no-op after the pre-flight, which wrote the number
     model, method_cfg = build_from_config(cfg.model, cfg.method)
     model = convert_sync_bn(model, bool(cfg.model.get("sync_bn", False)), world)  # before optimizer and teacher
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, router_group=method_class(method_cfg).router_param_group)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
     method = build_method(method_cfg, engine.module)
     if cfg.trainer.get("compile"):  # after build_method: a deep copy of a compiled module would call the original

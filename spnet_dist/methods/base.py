@@ -75,6 +75,9 @@ class Method:
     """
 
     name: ClassVar[str] = "base"
+    # the optimizer puts the model's router parameters in a parameter group of their own (same hyper-parameters),
+    # so that a phase can leave them out of the step under ZeRO >= 1 (``inactive_parameters``)
+    router_param_group: ClassVar[bool] = False
     # the method.* keys this method reads with a fixed set of values / a numeric range (low, high, low inclusive),
     # checked by the pre-flight (spnet_dist.preflight) before a run; a subclass extends its parent's
     config_choices: ClassVar[dict[str, tuple]] = {}
@@ -155,6 +158,12 @@ class Method:
     def on_epoch_start(self, epoch: int) -> None:
         """Called before every (possibly resumed) epoch with the number of completed epochs."""
 
+    def inactive_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters that receive no gradient in the current phase: the trainer leaves them and their optimizer
+        state out of the optimizer step (``engine/phase_params.py``; RDI-Net: the routers during the warm-up).
+        Under ZeRO >= 1 they must form whole parameter groups: see ``router_param_group``."""
+        return []
+
     def evaluate(self, model: torch.nn.Module, loader: Any, table: Any, execution: str = "dense") -> dict[str, Any]:
         """Validation metrics of ``model`` (top-1/5, MACs from hard decisions, per-block rates)."""
         from spnet_dist.evaluation.metrics import evaluate
@@ -190,6 +199,11 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise KeyError(f"method {cls.name!r} registered twice")
     METHODS[cls.name] = cls
     return cls
+
+
+def method_class(cfg: Mapping) -> type[Method]:
+    """The registered class of the method named ``cfg.name``."""
+    return _method_class(cfg)
 
 
 def _method_class(cfg: Mapping) -> type[Method]:

@@ -15,9 +15,21 @@ row-wise argsort, every adjacent rank pair is a (positive, negative) triplet, ne
 ignored; the path P_i = the routers' option probabilities softmax(ℓ/τ) over all gated blocks (B×L·3), i.e. the
 noise-free relaxation of the decisions. Computed per rank on the local batch.
 
-Uniform Sampling Warm-up (Eq. 14): the first ``usw_epochs`` epochs of the same run train the network with CE only
-on uniformly sampled routes (routers unused). The trainer calls ``on_epoch_start(epoch)``; the phase and epoch are in
-``state_dict()`` so a resume lands in the right phase.
+Binary option (``router.options: 2``, paper §3.2, Eq. 8–9; ``models/rdinet.py``): gates hold the relaxed decision
+v_n (soft in training), the cost loss is Eq. 15 on the batch mean of v_n, and the SRM path is P_i = (v_1, …, v_N)
+with the noise-free v_n = softmax(ℓ/τ)[1]. Default: 3 options with hard straight-through routes (the official code
+has 3 options; it mixes them with *soft* Gumbel-softmax weights, which this project does not train).
+
+Uniform Sampling Warm-up (Eq. 14), ``stage``:
+  ``both``  (default) one run: the first ``usw_epochs`` epochs train the network with CE only on uniformly sampled
+            routes (routers unused), then the joint phase — one LR schedule for both.
+  ``usw``   the whole run is the warm-up (the official stage 1, its own schedule);
+  ``joint`` the whole run is the joint phase (the official stage 2: start it from the warm-up's checkpoint with
+            ``model.pretrained=<tag dir>``, which loads the backbone and classifier, not the routers — as the official
+            ``main.py --resume`` skips every ``router`` key).
+During the warm-up the routers are left out of the optimizer step (``inactive_parameters``): no weight decay or
+momentum reaches them. The trainer calls ``on_epoch_start(epoch)``; the phase and epoch are in ``state_dict()`` so
+a resume lands in the right phase.
 """
 from __future__ import annotations
 
@@ -38,16 +50,21 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["RDINet"]
 
 PHASES = ("usw", "joint")
+STAGES = ("both", "usw", "joint")
 
 
 @register_method
 class RDINet(GatedMethod):
-    """Config keys (besides GatedMethod's ``target_rate``/``target_schedule``/``rate_weight``): ``usw_epochs``,
+    """Config keys (besides GatedMethod's ``target_rate``/``target_schedule``/``rate_weight``): ``stage``
+    (both | usw | joint), ``usw_epochs``, ``router.options`` (3 | 2), ``router.relaxation`` (null | hard_st | soft),
     ``cost_reduction`` (sum | mean), ``srm_weight`` (α), ``srm_margin`` (φ), ``tie_tol``, ``hist_bins``,
     ``hist_range``, ``rank_reduction`` (mean | sum)."""
 
     name = "rdinet"
     default_rate_loss = "two_sided"
+    router_param_group = True  # the warm-up leaves the routers out of the step, also under ZeRO >= 1
+    config_choices = {**GatedMethod.config_choices, "method.stage": STAGES, "method.router.options": (2, 3),
+                      "method.router.relaxation": (None, "hard_st", "soft")}
 
     @classmethod
     def prepare_cfg(cls, cfg: dict, num_blocks: int) -> dict:
@@ -71,6 +88,10 @@ class RDINet(GatedMethod):
             raise TypeError(f"method rdinet needs an RDIResNet (arch: rdinet), got {type(net).__name__}")
         self.net = net  # reference only (not part of the method state)
         self.usw_epochs = int(cfg_get(c, "usw_epochs", 10))
+        self.stage = str(cfg_get(c, "stage", "both"))
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {list(STAGES)}, got {self.stage!r}")
+        self.binary = int(getattr(net, "num_options", 3)) == 2
         self.cost_reduction = str(cfg_get(c, "cost_reduction", "sum"))
         self.srm_weight = float(cfg_get(c, "srm_weight", 0.2))
         self.srm_margin = float(cfg_get(c, "srm_margin", 0.5))
@@ -91,6 +112,8 @@ class RDINet(GatedMethod):
 
     # ------------------------------------------------------------------ phases (USW, Eq. 14)
     def phase_for(self, epoch: int) -> str:
+        if self.stage != "both":
+            return self.stage
         return "usw" if epoch < self.usw_epochs else "joint"
 
     def _apply_phase(self) -> None:
@@ -102,6 +125,11 @@ class RDINet(GatedMethod):
         self.phase = self.phase_for(self.epoch)
         self._apply_phase()
 
+    def inactive_parameters(self) -> list[torch.nn.Parameter]:
+        """The routers during USW (they do not run): the optimizer step leaves them and their momentum untouched
+        (no weight-decay shrinkage before the joint phase; the official code's SGD skips their None gradients)."""
+        return list(self.net.router_parameters()) if self.phase == "usw" else []
+
     # ------------------------------------------------------------------ objective
     def srm_loss(self, images: Tensor, out: "ModelOutput") -> tuple[Tensor, int]:
         """L_rank on the local batch; returns (loss, number of kept triplets)."""
@@ -110,6 +138,8 @@ class RDINet(GatedMethod):
         a, p, n = srm_triplets(dist, self.tie_tol)
         gated = self.gated_index(out.gate_logits.device)
         paths = F.softmax(out.gate_logits.index_select(1, gated).float() / self.tau, dim=-1)
+        if self.binary:  # P_i = (v_1, ..., v_N): the execute probability per block
+            paths = paths[..., 1]
         return rank_loss(paths, a, p, n, self.srm_margin, self.rank_reduction), int(a.numel())
 
     def _loss(
@@ -130,8 +160,13 @@ class RDINet(GatedMethod):
         else:
             l_rank, n_trip = self.srm_loss(images, out) if self.srm_weight != 0.0 else (zero, 0)
             total = ce + self.rate_weight * l_cost + self.srm_weight * l_rank
-        route = route_of(out.gates.detach()).index_select(1, self.gated_index(rates.device))
-        counts = [(route == k).float().mean() if route.numel() else zero for k in range(3)]
+        gated = self.gated_index(rates.device)
+        if self.binary:  # mean relaxed decisions (exact counts for hard ones): skip 1 − v, full v
+            v = out.gates.detach().index_select(1, gated).float()
+            counts = [(1.0 - v).mean(), zero, v.mean()] if v.numel() else [zero] * 3
+        else:
+            route = route_of(out.gates.detach()).index_select(1, gated)
+            counts = [(route == k).float().mean() if route.numel() else zero for k in range(3)]
         logs = {
             "ce": ce.detach(),
             "rate_loss": l_cost.detach(),
@@ -193,7 +228,7 @@ class RDINet(GatedMethod):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.epoch = int(state.get("epoch", 0))
-        phase = str(state.get("phase", self.phase_for(self.epoch)))
+        phase = str(state.get("phase", self.phase_for(self.epoch))) if self.stage == "both" else self.stage
         if phase not in PHASES:
             raise ValueError(f"RDI-Net method state has unknown phase {phase!r}")
         self.phase = phase

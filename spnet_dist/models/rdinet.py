@@ -18,6 +18,15 @@ batch mean of ``gates[:, b]`` is RDI-Net's relaxed execution v_b of the cost los
 gradients reach the router through the one-hot). ``gate_logits`` is B×L×3; the chosen option is recovered with
 ``route_of(gates)``.
 
+**Binary option** (``router.options: 2``, the paper's §3.2): u_n ∈ {skip, execute} (index 0 / 1) from a 2-way
+relational router; with ``router.relaxation: soft`` (the default for 2 options) training uses the relaxation of
+Eq. 8–9: v_n = softmax((ℓ_n + G)/τ)[1] and x_{n+1} = v_n·F_n(x_n) + (1 − v_n)·x_n, with F_n(x) = ReLU(sc(x) +
+branch(x)) the executed block and x_n → ReLU(sc(x)) the skipped one (= x_n for an identity shortcut; the projection
+of a stage's first block always runs). Evaluation takes hard argmax decisions. ``gates`` hold v_n (0 / 1 at
+evaluation), ``gate_logits`` are B×L×2. ``relaxation: hard_st`` gives hard straight-through decisions instead
+(the mix is then the same inside or outside the ReLU). Three options with ``soft`` (the official code's training:
+soft Gumbel-softmax mixing) are not supported: the training option counts assume hard routes.
+
 Uniform Sampling Warm-up (Eq. 14): with ``uniform_routes = True`` and the model in training mode each image
 draws an option uniformly per block (torch's global RNG, so the trainer's RNG checkpointing covers it) and
 routers are not run (their gate_logits are zeros). ``force_gates(rate)`` forces exactly round(rate·B) images per
@@ -39,6 +48,23 @@ from .output import ModelOutput
 
 SKIP, LIGHT, FULL = 0, 1, 2
 NUM_ROUTES = 3
+EXECUTE = 1  # binary option: index 1 = execute (Eq. 8's [1])
+RELAXATIONS = ("hard_st", "soft")
+
+
+def router_mode(router: dict[str, Any]) -> tuple[int, str]:
+    """(options, relaxation) of the method's ``router`` mapping: 3 (skip/light/full, default) or 2 (skip/execute);
+    ``relaxation`` null = hard_st for 3 options, soft (Eq. 8–9) for 2."""
+    options = int(router.get("options") or NUM_ROUTES)
+    if options not in (2, NUM_ROUTES):
+        raise ValueError(f"RDI-Net routers have 3 options (skip/light/full) or 2 (skip/execute), got {options}")
+    relax = router.get("relaxation") or ("hard_st" if options == NUM_ROUTES else "soft")
+    if relax not in RELAXATIONS:
+        raise ValueError(f"router.relaxation must be one of {list(RELAXATIONS)} (or null), got {relax!r}")
+    if options == NUM_ROUTES and relax == "soft":
+        raise ValueError("router.relaxation=soft needs router.options=2 (the paper's Eq. 8-9); the 3-option blocks "
+                         "train with hard straight-through routes")
+    return options, relax
 
 
 def light_layers(blk: nn.Module) -> tuple[str, ...]:
@@ -86,14 +112,14 @@ class RDIResNet(DynamicResNet):
     ``image_size`` (the ratio does not depend on the resolution for even sizes).
     """
 
-    num_options = NUM_ROUTES
+    num_options = NUM_ROUTES  # 2 with router.options: 2 (set per instance)
 
     def __init__(self, *args: Any, router: dict[str, Any] | None = None, **kwargs: Any) -> None:
         router = {"type": "relational", **dict(router or {})}
-        router.setdefault("options", NUM_ROUTES)
-        if int(router["options"]) != NUM_ROUTES:
-            raise ValueError(f"RDI-Net routers have {NUM_ROUTES} options (skip/light/full), got {router['options']}")
+        options, self.relaxation = router_mode(router)
+        router["options"] = options
         super().__init__(*args, router=router, **kwargs)
+        self.num_options = options
         self.uniform_routes = False
         self._context: list[torch.Tensor] | None = None
         layers = [light_layers(blk) for blk in self.blocks()]
@@ -114,20 +140,23 @@ class RDIResNet(DynamicResNet):
     def _gate(self, blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if blk.router is None:
             return None, None
-        b = x.shape[0]
+        b, k = x.shape[0], self.num_options
         if self.uniform_routes and self.training and self._forced is None:  # USW: routers not used
-            idx = torch.randint(0, NUM_ROUTES, (b,), device=x.device)
-            return F.one_hot(idx, NUM_ROUTES).float(), x.new_zeros(b, NUM_ROUTES)
+            idx = torch.randint(0, k, (b,), device=x.device)
+            return F.one_hot(idx, k).float(), x.new_zeros(b, k)
         logits = blk.router(x, self._context)
-        if logits.shape[-1] != NUM_ROUTES:
-            raise ValueError(f"router returned {logits.shape[-1]} options; RDI-Net blocks have {NUM_ROUTES}")
+        if logits.shape[-1] != k:
+            raise ValueError(f"router returned {logits.shape[-1]} options; these RDI-Net blocks have {k}")
         if self._forced is not None:
             z = self._forced_z(b, x.device)
-            return torch.stack([1.0 - z, torch.zeros_like(z), z], 1), logits
-        return gumbel_st(logits, self.tau, hard=True, noise=self.training or self.eval_noise), logits
+            return torch.stack([1.0 - z, z] if k == 2 else [1.0 - z, torch.zeros_like(z), z], 1), logits
+        hard = self.relaxation == "hard_st" or not self.training  # soft: Eq. 8 in training, argmax at evaluation
+        return gumbel_st(logits, self.tau, hard=hard, noise=self.training or self.eval_noise), logits
 
     @staticmethod
     def _gate_value(blk: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[1] == 2:  # binary: v_n
+            return z[:, EXECUTE]
         return z[:, LIGHT] * blk.light_fraction + z[:, FULL]
 
     # ---- execution -------------------------------------------------------------------------------
@@ -137,6 +166,9 @@ class RDIResNet(DynamicResNet):
         if z is None:
             return blk(x)
         sc = blk.shortcut(x)
+        if z.shape[1] == 2:  # binary, Eq. 9: v·F(x) + (1 − v)·x, mixed after the block's ReLU
+            v = z[:, EXECUTE].to(sc.dtype).view(-1, 1, 1, 1)
+            return v * F.relu(sc + blk.branch(x)) + (1.0 - v) * F.relu(sc)
         # With autograd on, every path runs even if no image takes it: the straight-through gradient needs the
         # branch outputs, and every rank must produce gradients for the same parameters (DDP / DeepSpeed buckets;
         # USW routes carry no gradient but differ per rank). Without autograd, unused paths are skipped.
@@ -164,8 +196,8 @@ class RDIResNet(DynamicResNet):
     @staticmethod
     def _skip_block(blk: nn.Module, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """Inference: light images run conv1(+pool)+conv3, full images the whole branch, skipped ones nothing."""
-        if z is None:
-            return DynamicResNet._skip_block(blk, x, None)
+        if z is None or z.shape[1] == 2:  # binary: hard 0 / 1 decisions at evaluation
+            return DynamicResNet._skip_block(blk, x, None if z is None else z[:, EXECUTE])
         sc = blk.shortcut(x)
         idx_l = torch.nonzero(z[:, LIGHT], as_tuple=True)[0]
         idx_f = torch.nonzero(z[:, FULL], as_tuple=True)[0]

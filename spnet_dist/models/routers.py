@@ -169,7 +169,7 @@ class RelationalRouter(nn.Module):
 
 ROUTERS: dict[str, Callable[..., nn.Module]] = {"spnet": SPNetRouter, "aig": AIGGate, "relational": RelationalRouter}
 # keys of the method's `router` mapping that configure the model, not the router module
-MODEL_LEVEL_KEYS = ("type", "tau", "eval_noise")
+MODEL_LEVEL_KEYS = ("type", "tau", "eval_noise", "relaxation")
 
 
 def register_router(name: str) -> Callable:
