@@ -148,7 +148,7 @@ def test_presets_build_and_step(preset):
     if cfg["name"] == "spnet":
         assert {"logits_kd", "path_kd", "evo", "cls"} <= set(logs)
         weights = (method.w_logits, method.w_path, method.w_evo)
-        assert weights == ((0.1, 0.1, 1e-4) if preset == "spnet_code" else (1.0, 0.5, 1e-4))
+        assert weights == ((0.1, 0.1, 0.1) if preset == "spnet_code" else (1.0, 0.5, 1e-4))
         assert method.one_sided and method.rate_weight == 2.0 and method.momentum == 0.9
     else:
         assert not method.one_sided and method.rate_weight == 1.0
