@@ -32,6 +32,13 @@ def check_stages(layers: Any, widths: Any) -> None:
                          f"(one entry per stage)")
 
 
+def stage_tap_indices(n_blocks: int) -> tuple[int, int, int]:
+    """First, middle and last block of a stage of ``n_blocks`` (SP-Net's CIFAR L_evo, spec §5.e; the middle is
+    block ``n // 2``, e.g. 0/2/4 of ResNet-32's 5 and 0/9/17 of ResNet-110's 18 — the official index is a
+    reconstruction)."""
+    return 0, n_blocks // 2, n_blocks - 1
+
+
 class DynamicResNet(nn.Module):
     """ResNet whose residual blocks are executed per image according to learned gates.
 
@@ -91,6 +98,7 @@ class DynamicResNet(nn.Module):
         self.multi_stage_heads = bool(multi_stage_heads)
         self.execution = "dense"
         self._forced: tuple[float, torch.Generator | None] | None = None
+        self.stage_taps = False  # pooled first/middle/last block outputs per stage (methods/spnet.py, within_stage)
 
     # ---- structure -------------------------------------------------------------------------------
     @property
@@ -201,16 +209,23 @@ class DynamicResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         b = x.shape[0]
         dt = torch.promote_types(x.dtype, torch.float32)  # gates / gate logits: float32 (float64 for .double())
-        gates, gate_logits, pooled = [], [], []
+        gates, gate_logits, pooled, taps = [], [], [], []
         for s in self.stage_names:
-            for blk in getattr(self, s):
+            stage = getattr(self, s)
+            tap_at = stage_tap_indices(len(stage)) if self.stage_taps else ()
+            tapped: dict[int, torch.Tensor] = {}
+            for i, blk in enumerate(stage):
                 z, logits = self._gate(blk, x)
                 x = self._skip_block(blk, x, z) if skip else self._dense_block(blk, x, z)
+                if i in tap_at:
+                    tapped[i] = global_avg_pool(x)
                 gates.append(torch.ones(b, device=x.device, dtype=dt) if z is None
                              else self._gate_value(blk, z).to(dt))
                 gate_logits.append(x.new_zeros(b, self.num_options, dtype=dt) if logits is None else logits.to(dt))
+            if tap_at:
+                taps.append(tuple(tapped[j] for j in tap_at))
             if self.aux is not None or s == self.stage_names[-1]:
-                pooled.append(global_avg_pool(x))
+                pooled.append(tapped[tap_at[-1]] if tap_at else global_avg_pool(x))
         final = pooled[-1]
         logits = self.fc(final)
         if self.aux is not None:
@@ -219,4 +234,4 @@ class DynamicResNet(nn.Module):
         else:
             head_logits, stage_features = [logits], [final]
         return ModelOutput(logits=logits, gates=torch.stack(gates, 1), gate_logits=torch.stack(gate_logits, 1),
-                           head_logits=head_logits, stage_features=stage_features)
+                           head_logits=head_logits, stage_features=stage_features, stage_taps=taps)
