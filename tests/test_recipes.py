@@ -49,7 +49,19 @@ AIG_IMAGENET = {  # official train_img.py (spec §2.c, §2.e)
 TORCHVISION = {"optim.lr": 0.1, "optim.weight_decay": 1e-4, "optim.milestones": [30, 60], "trainer.epochs": 90,
                "trainer.batch_size": 64, "optim.recipe_global_batch": 256}  # references/classification ResNet
 
+RDINET_IMAGENET = {  # official launch_ImageNet.sh + main.py (spec §4.e); paper §4 (d, gamma, alpha, phi)
+    "model.name": "resnet50", "data.name": "imagenet", "method.name": "rdinet", "method.router.options": 3,
+    "method.router.d": 256, "method.router.gamma": 0.5, "method.srm_weight": 0.2, "method.srm_margin": 0.5,
+    "optim.lr": 0.075, "optim.momentum": 0.9, "optim.weight_decay": 1e-4, "optim.gamma": 0.1,
+    "optim.warmup_epochs": 0, "trainer.batch_size": 48, "optim.recipe_global_batch": 192,
+}
+
 EXPECTED: dict[str, dict] = {
+    "rdinet_r50_imagenet_warmup": {**RDINET_IMAGENET, "method.stage": "usw", "optim.milestones": [30, 60],
+                                   "trainer.epochs": 90, "model.pretrained": None},
+    "rdinet_r50_imagenet_joint": {**RDINET_IMAGENET, "method.stage": "joint", "optim.milestones": [30, 60, 90],
+                                  "trainer.epochs": 100, "method.target_rate": 0.84,  # reconstruction (recipe)
+                                  "required": ["model.pretrained"]},
     "spnet_r50_imagenet": SPNET_IMAGENET,
     "spnet_r50_imagenet_light": {**SPNET_IMAGENET, "method.target_rate": 0.5},  # reconstruction (spec §5.h.5)
     "spnet_r101_imagenet": {**SPNET_IMAGENET, "model.name": "resnet101"},  # spec §5.e: R-50 settings, 33 gates
