@@ -59,12 +59,13 @@ class BestCheckpoint(Hook):
         loop.report.update(self.report())
 
     def path(self) -> Path | None:
+        """The best tag's folder, absolute (``best.json``, MLflow)."""
         return (self.ckpt.directory / self.tag).resolve() if self.tag else None
 
     def report(self) -> dict[str, Any]:
-        """The final JSON line's keys (None before a best checkpoint was written)."""
+        """The final JSON line's keys, the path written like ``checkpoint`` (None before a best one was written)."""
         written = self.tag is not None and not self.pending
-        return {"best_checkpoint": str(self.path()) if written else None,
+        return {"best_checkpoint": str(self.ckpt.directory / self.tag) if written else None,
                 "best_top1": self.top1 if written else None, "best_epoch": self.epoch if written else None}
 
     def write_pointer(self) -> None:
