@@ -59,6 +59,33 @@ def test_zero_groups_must_not_mix_phase_and_active_parameters():
         frozen_groups([[a, b], [c]], [a])
 
 
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_excluded_parameters_and_their_momentum_stay_bitwise(zero, fused):
+    """A parameter with momentum state already built up and a (zero-filled, as DeepSpeed's) gradient: the step
+    inside ``excluded_from_step`` leaves it and its momentum buffer as they were; the other parameter moves.
+    ZeRO 0: the torch optimizer itself; ZeRO 1/2: the stand-in exposes DeepSpeed's ``bit16_groups`` / ``optimizer``."""
+    from types import SimpleNamespace
+
+    from spnet_dist.engine.phase_params import excluded_from_step
+
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    sgd = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9, weight_decay=0.01,
+                          nesterov=True, fused=fused or None)
+    a.grad, b.grad = torch.randn(5), torch.randn(5)
+    sgd.step()  # momentum buffers exist for both
+    engine = SimpleNamespace(optimizer=SimpleNamespace(bit16_groups=[[a], [b]], optimizer=sgd) if zero else sgd)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    buf0 = sgd.state[b]["momentum_buffer"].clone()
+    a.grad, b.grad = torch.randn(5), torch.zeros(5)
+    with excluded_from_step(engine, [b]):
+        sgd.step()
+    assert torch.equal(b, b0) and torch.equal(sgd.state[b]["momentum_buffer"], buf0)
+    assert not torch.equal(a, a0)
+    assert [(g["lr"], g["weight_decay"], g["momentum"], g["nesterov"]) for g in sgd.param_groups] == \
+        [(0.1, 0.01, 0.9, True)] * 2  # the group settings are back after the step
+
+
 def _history(db: Path, run_id: str, key: str) -> list[float]:
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
