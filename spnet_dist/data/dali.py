@@ -1,6 +1,8 @@
 """DALI pipelines over the ImageNet folder layout, sharded by *global* rank.
 
-Train: file reader (random shuffle, padded last batch) -> decode -> random-resized-crop -> flip + normalize.
+Train: file reader (random shuffle, padded last batch) -> decode -> random-resized-crop (``data.train_aug=pad_crop``:
+resize to crop x crop if needed, then a crop x crop window at a random integer offset in [-pad, pad] per axis,
+zero-filled outside the image) -> flip + normalize.
 Val: file reader (no shuffle, padded last batch) -> decode -> resize shorter side -> center crop + normalize.
 Decoding runs on the CPU (``device_id=None``) unless a GPU is present and ``decode`` is ``auto`` or ``mixed``.
 
@@ -44,11 +46,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @pipeline_def(enable_checkpointing=True)
 def _imagenet_pipe(root: str, shard_id: int, num_shards: int, train: bool, crop: int, val_resize: int,
-                   decode: str, with_source_info: bool, layout: str, file_list: str | None = None):
+                   decode: str, with_source_info: bool, layout: str, file_list: str | None = None,
+                   train_aug: str = "random_resized_crop", pad: int = 4):
     listing = {"file_list": file_list} if file_list else {}
     jpegs, labels = fn.readers.file(file_root=root, shard_id=shard_id, num_shards=num_shards,
                                     random_shuffle=train, pad_last_batch=True, name="Reader", **listing)
-    if train:
+    if train and train_aug == "pad_crop":
+        images = _pad_crop(fn.decoders.image(jpegs, device=decode, output_type=types.RGB), crop, pad)
+        mirror = fn.random.coin_flip(probability=0.5)
+    elif train:
         images = fn.decoders.image_random_crop(jpegs, device=decode, output_type=types.RGB,
                                                random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3])
         images = fn.resize(images, resize_x=crop, resize_y=crop)
@@ -63,6 +69,19 @@ def _imagenet_pipe(root: str, shard_id: int, num_shards: int, train: bool, crop:
     if with_source_info:
         return images, labels, fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)  # uniform length
     return images, labels
+
+
+def _pad_crop(images: Any, crop: int, pad: int) -> Any:
+    """torchvision's ``RandomCrop(crop, padding=pad)`` on uint8 HWC images: a crop x crop window whose start is
+    uniform in [-pad, pad] per axis (``values``: exact integers, unlike an integer-typed ``range``), the part outside
+    the image filled with 0 (before normalization, as zero padding). Images that are not crop x crop (CIFAR-10's
+    are 32x32 already) are resized to it first, ignoring the aspect ratio (an exact identity for crop x crop)."""
+    images = fn.resize(images, resize_x=crop, resize_y=crop)
+    if not pad:
+        return images
+    start = fn.random.uniform(values=list(range(-pad, pad + 1)), shape=[2], dtype=types.INT32)
+    return fn.slice(images, start=start, shape=[crop, crop], axis_names="HW", out_of_bounds_policy="pad",
+                    fill_values=0)
 
 
 @dataclass
@@ -82,6 +101,8 @@ class LoaderSpec:
     file_list: str | None = None  # DALI file_list ("<class>/<file> <label>" lines, relative to root); None: all
     on_corrupt: str = "fail"      # what a file DALI cannot decode means: fail | skip (recorded for the next run)
     scan: str = "quick"           # the data.scan the file list was checked with (named in unattributed errors)
+    train_aug: str = "random_resized_crop"  # training crop: random_resized_crop | pad_crop (zero pad ``pad``)
+    pad: int = 4
 
 
 _FILE_PATTERNS = (re.compile(r"Failed to decode sample #\d+\s*:\s*(.+?)\s*$", re.M),
@@ -220,7 +241,8 @@ class DaliLoader:
                                    with_source_info=spec.with_source_info, layout=spec.layout,
                                    batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=device_id,
                                    seed=spec.seed + 7919 * spec.shard_id, checkpoint=checkpoint,
-                                   prefetch_queue_depth=2, file_list=spec.file_list)
+                                   prefetch_queue_depth=2, file_list=spec.file_list, train_aug=spec.train_aug,
+                                   pad=spec.pad)
         names = ["data", "label"] + (["source_info"] if spec.with_source_info else [])
         policy = LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL
         try:
@@ -304,5 +326,6 @@ def build(cfg: Any, plan: DataPlan, split: str, train: bool, shard_id: int, num_
                       # GPU decode: HWC batches, handed out as channels_last NCHW views (saves a transpose)
                       layout="HWC" if resolve_decode(data.decode) == "mixed" else "CHW",
                       file_list=write_file_list(plan, split, files), on_corrupt=str(data.get("on_corrupt", "skip")),
-                      scan=str(data.get("scan", "quick")))
+                      scan=str(data.get("scan", "quick")), train_aug=str(data.get("train_aug", "random_resized_crop")),
+                      pad=int(data.get("pad", 4)))
     return DaliLoader(spec, checkpoint=state["dali"] if state else None, plan=plan)

@@ -8,16 +8,21 @@ BACKENDS: dict[str, str] = {"dali": "dali", "torchvision": "torchvision_backend"
 SCAN_CHOICES = ("quick", "decode", "off")
 ON_CORRUPT_CHOICES = ("skip", "fail")
 DECODE_CHOICES = ("auto", "cpu", "mixed")
+# training crop: random_resized_crop (ImageNet; scale 0.08-1, ratio 3/4-4/3) | pad_crop (CIFAR: zero-pad data.pad
+# pixels, random crop x crop window; both then a horizontal flip)
+TRAIN_AUG_CHOICES = ("random_resized_crop", "pad_crop")
 
 CONFIG_CHOICES: dict[str, tuple] = {
     "data.decode": DECODE_CHOICES,
     "data.on_corrupt": ON_CORRUPT_CHOICES,
     "data.scan": SCAN_CHOICES,
+    "data.train_aug": TRAIN_AUG_CHOICES,
     "data.backend": tuple(BACKENDS),
 }
 # (low, high, low inclusive)
 CONFIG_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "data.image_size": (1, None, True), "data.val_resize": (1, None, True), "data.num_threads": (1, None, True),
+    "data.pad": (0, None, True),
 }
 
 # ImageNet normalization on the 0-255 scale (every backend: (pixel - MEAN) / STD per RGB channel)

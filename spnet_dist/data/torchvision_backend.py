@@ -3,7 +3,7 @@
 The same file lists as DALI (the pre-flight plan's, labelled by position in its class list) and the same shards:
 rank i of w reads files [n*i//w, n*(i+1)//w) (``preflight.shard_sizes``). Train shuffles its shard every epoch
 (seed, epoch, shard) and drops the ragged last batch; val reads its shard in order, every file once, the last
-batch possibly smaller. Transforms: ``tv_images``.
+batch possibly smaller. Transforms: ``tv_images`` (training crop: ``data.train_aug``, ``data.pad``).
 
 Decoding: ``data.decode`` resolved as for DALI. ``cpu``: workers read, decode, crop and normalize. ``mixed``
 (CUDA): workers only read the bytes; the batch is decoded by nvJPEG and cropped on the GPU (``tv_images.gpu_decode``;
@@ -55,6 +55,8 @@ class TvSpec:
     decode: str = "cpu"          # resolved: cpu | mixed
     with_source_info: bool = False
     on_corrupt: str = "skip"
+    train_aug: str = T.RRC       # training crop: random_resized_crop | pad_crop (``tv_images``)
+    pad: int = 4                 # pad_crop's zero padding
 
     @property
     def shard(self) -> range:
@@ -83,7 +85,7 @@ class _Images(Dataset):
             except OSError as err:
                 raise T.corrupt(s.root, rel, err, s.on_corrupt) from None
         img = T.load_rgb(s.root, rel, s.on_corrupt)
-        img = (T.train_view(img, s.crop, T.sample_rng(s.seed, epoch, index)) if s.train
+        img = (T.train_view(img, s.crop, T.sample_rng(s.seed, epoch, index), s.train_aug, s.pad) if s.train
                else T.val_view(img, s.crop, s.val_resize))
         return T.normalize(img), s.labels[index], index
 
@@ -178,7 +180,8 @@ class TorchvisionLoader:
         s = self.spec
         imgs = T.gpu_decode(datas, s.root, [s.files[i] for i in index], s.on_corrupt)
         if s.train:
-            return T.normalize(T.train_views_gpu(imgs, s.crop, [T.sample_rng(s.seed, self.epoch, i) for i in index]))
+            rngs = [T.sample_rng(s.seed, self.epoch, i) for i in index]
+            return T.normalize(T.train_views_gpu(imgs, s.crop, rngs, s.train_aug, s.pad))
         return T.normalize(torch.stack([T.val_view(img, s.crop, s.val_resize) for img in imgs]))
 
     def state_dict(self) -> dict[str, Any]:
@@ -233,5 +236,6 @@ def build(cfg: Any, plan: DataPlan, split: str, train: bool, shard_id: int, num_
                   crop=int(data.image_size), val_resize=int(data.val_resize), seed=int(cfg.seed),
                   workers=max(1, int(data.num_threads) // max(1, local_world)),
                   decode=resolve_decode(str(data.decode)), with_source_info=with_source_info,
-                  on_corrupt=str(data.get("on_corrupt", "skip")))
+                  on_corrupt=str(data.get("on_corrupt", "skip")),
+                  train_aug=str(data.get("train_aug", T.RRC)), pad=int(data.get("pad", 4)))
     return TorchvisionLoader(spec, plan=plan, state=state)

@@ -1,8 +1,10 @@
 """Image decoding and transforms of the torchvision backend, the same ops on CPU (DataLoader workers) and GPU.
 
-Train: random-resized-crop (scale (0.08, 1), ratio (3/4, 4/3): torchvision's defaults and DALI's) to
-``crop`` x ``crop``, then a horizontal flip with probability 1/2. Val: resize the shorter side to ``val_resize``,
-center crop ``crop``. Both normalize with the ImageNet ``MEAN`` / ``STD`` DALI uses (float32, CHW).
+Train (``data.train_aug``): ``random_resized_crop`` (scale (0.08, 1), ratio (3/4, 4/3): torchvision's defaults
+and DALI's) to ``crop`` x ``crop``, or ``pad_crop`` (torchvision's ``RandomCrop(crop, padding=pad)`` on the uint8
+image: zero padding, so padded pixels normalize to -MEAN/STD); then a horizontal flip with probability 1/2.
+Val: resize the shorter side to ``val_resize``, center crop ``crop``. Both normalize with the ImageNet ``MEAN`` /
+``STD`` DALI uses (float32, CHW).
 
 The randomness of one sample comes from its own ``random.Random`` seeded by (seed, epoch, file index), never from
 a global or per-worker stream, so a batch is the same whichever worker or process makes it and whenever.
@@ -21,6 +23,7 @@ from torchvision.transforms.v2 import functional as F
 from .index import CorruptDataError, record_bad_file
 from .options import MEAN, STD
 
+RRC, PAD_CROP = "random_resized_crop", "pad_crop"
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 
@@ -52,18 +55,37 @@ def crop_box(height: int, width: int, rng: random.Random) -> tuple[int, int, int
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_view(img: torch.Tensor, crop: int, rng: random.Random) -> torch.Tensor:
-    """Random-resized-crop to ``crop`` x ``crop`` and a coin-flip mirror of a uint8 CHW image (any device)."""
+def pad_crop_view(img: torch.Tensor, crop: int, pad: int, rng: random.Random) -> torch.Tensor:
+    """torchvision's ``RandomCrop(crop, padding=pad)`` + ``RandomHorizontalFlip()`` of a uint8 CHW image (any
+    device), drawn from ``rng``: zero-pad ``pad`` pixels on every side, take the ``crop`` x ``crop`` window at
+    (top, left) uniform in [0, 2*pad]^2 (RandomCrop's draw order), mirror on a coin flip. An image that is not
+    ``crop`` x ``crop`` (CIFAR-10's are 32x32 already) is first resized to it, ignoring its aspect ratio."""
+    if tuple(img.shape[-2:]) != (crop, crop):
+        img = F.resize(img, [crop, crop], antialias=True)
+    top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+    out = F.crop(F.pad(img, [pad], fill=0), top, left, crop, crop) if pad else img
+    return F.horizontal_flip(out) if rng.random() < 0.5 else out
+
+
+def train_view(img: torch.Tensor, crop: int, rng: random.Random, aug: str = RRC, pad: int = 4) -> torch.Tensor:
+    """The ``aug`` crop (``pad_crop``: ``pad_crop_view``; else random-resized-crop) to ``crop`` x ``crop`` and a
+    coin-flip mirror of a uint8 CHW image (any device)."""
+    if aug == PAD_CROP:
+        return pad_crop_view(img, crop, pad, rng)
     top, left, h, w = crop_box(img.shape[-2], img.shape[-1], rng)
     out = F.resized_crop(img, top, left, h, w, [crop, crop], antialias=True)
     return F.horizontal_flip(out) if rng.random() < 0.5 else out
 
 
-def train_views_gpu(imgs: list[torch.Tensor], crop: int, rngs: list[random.Random]) -> torch.Tensor:
+def train_views_gpu(imgs: list[torch.Tensor], crop: int, rngs: list[random.Random], aug: str = RRC,
+                    pad: int = 4) -> torch.Tensor:
     """``train_view`` of a batch of uint8 CHW GPU images as one float32 N×3×crop×crop tensor (values 0..255,
     rounded as the uint8 path rounds): the same boxes and flips drawn from the same streams, with three plain
     kernels per image (crop-view → float, antialiased bilinear resize, flip-copy into the batch) instead of
-    ``F.resized_crop``'s per-image dispatch and its uint8 round trip (torchvision resizes CUDA uint8 in float)."""
+    ``F.resized_crop``'s per-image dispatch and its uint8 round trip (torchvision resizes CUDA uint8 in float).
+    ``pad_crop``: ``pad_crop_view`` per image (no resampling for crop x crop images: exactly the CPU's pixels)."""
+    if aug == PAD_CROP:
+        return torch.stack([pad_crop_view(img, crop, pad, rng) for img, rng in zip(imgs, rngs)]).float()
     out = torch.empty((len(imgs), 3, crop, crop), device=imgs[0].device)
     for k, (img, rng) in enumerate(zip(imgs, rngs)):
         top, left, h, w = crop_box(img.shape[-2], img.shape[-1], rng)
