@@ -166,7 +166,8 @@ def check_required(cfg: DictConfig) -> None:
     missing += [str(k) for k in (cfg.get("required") or []) if OmegaConf.select(cfg, str(k)) in (None, "")]
     if missing:
         hints = {"data.root": " (the path of the prepared ImageNet, see `spnet prepare-imagenet`)",
-                 "model.pretrained": " (this recipe starts from a trained static network: a torchvision weights file "
-                                     "or a checkpoint tag dir of a method=static run; README \"Paper rows\")"}
+                 "model.pretrained": " (this recipe starts from trained weights: a torchvision weights file or an "
+                                     "earlier run's checkpoint tag dir, as its configs/recipe/ file says; README "
+                                     "\"Paper rows\")"}
         hint = hints.get(missing[0], "")
         raise ConfigError(f"{missing[0]} is required and has no default: add {missing[0]}=<value>{hint}")
