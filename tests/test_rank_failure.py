@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from conftest import last_json, run_spnet, tiny_train_args
+from test_submit import wait_for
 
 from spnet_dist.engine.heartbeat import peer_failure
 from spnet_dist.engine.preempt import EXIT_RANK_LOST
@@ -38,16 +39,6 @@ def logged_steps(tmp: Path) -> int:
                    default=0)
     except Exception:  # noqa: BLE001 - the store is being created
         return 0
-
-
-def wait_for(what: str, predicate, timeout: float, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def spawned_ranks(parent: int) -> list[int]:
