@@ -140,13 +140,19 @@ def check_machine(cfg: Any) -> None:
     if not launched() and nprocs > cores:
         raise ConfigError(f"trainer.nprocs={nprocs} is more than the {cores} CPU cores available here; choose "
                           f"trainer.nprocs between 1 and {cores}")
-    if "model" in cfg and cfg.model.get("sync_bn"):  # SyncBatchNorm runs on CUDA only (engine/sync_bn.py)
+    if "model" in cfg and cfg.model.get("sync_bn"):  # SyncBatchNorm runs on CUDA only (see check_sync_bn)
         import torch
-
-        from .engine.sync_bn import check_sync_bn
 
         check_sync_bn(True, int(os.environ["WORLD_SIZE"]) if launched() else nprocs, torch.cuda.is_available())
 
+
+
+def check_sync_bn(enabled: bool, world: int, cuda: bool) -> None:
+    """Refuse ``model.sync_bn=true`` where torch cannot run it (several ranks on CPU; engine/sync_bn.py)."""
+    if enabled and world > 1 and not cuda:
+        raise ConfigError(f"model.sync_bn=true needs CUDA: torch's SyncBatchNorm does not run on CPU (gloo), and "
+                          f"this run has {world} CPU ranks; use model.sync_bn=false (per-rank BatchNorm, as SP-Net's "
+                          f"official code) or run on GPUs")
 
 def check_pretrained(cfg: Any) -> None:
     """``model.pretrained`` exists (a file, or a `spnet train` checkpoint folder) and lies outside this run's

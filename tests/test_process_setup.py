@@ -75,8 +75,9 @@ def test_router_lr_mult_puts_the_routers_in_their_own_group_through_the_schedule
 
     model, _ = build_from_config({"name": "resnet_tiny"}, {"name": "aig"}, pretrained=False)
     routers = {id(p) for p in model.router_parameters()}
-    optim = OmegaConf.create({"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "router_lr_mult": 10.0,
-                              "no_decay_bn": no_decay_bn, "milestones": [1], "gamma": 0.1, "warmup_epochs": 0})
+    optim = OmegaConf.create({"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+                              "router_lr_mult": 10.0, "no_decay_bn": no_decay_bn, "milestones": [1], "gamma": 0.1,
+                              "warmup_epochs": 0})
     opt = build_optimizer(model, optim)
     seen = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())  # every parameter once
@@ -84,7 +85,8 @@ def test_router_lr_mult_puts_the_routers_in_their_own_group_through_the_schedule
         in_routers = {id(p) in routers for p in g["params"]}
         assert len(in_routers) == 1 and g["lr"] == pytest.approx(1.0 if in_routers == {True} else 0.1)
     sched = LRSchedule(opt, optim)
-    loop = SimpleNamespace(steps_per_epoch=2, progress=SimpleNamespace(epoch=1, batch_in_epoch=0))
+    loop = SimpleNamespace(steps_per_epoch=2, progress=SimpleNamespace(epoch=1, batch_in_epoch=0), world=1, rank=0,
+                           cfg=OmegaConf.create({"trainer": {"batch_size": 8}}))
     sched.before_train(loop)  # resumed after the milestone: every group at 0.1 × its own rate
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.1 if {id(p) in routers for p in g["params"]} == {True} else 0.01)

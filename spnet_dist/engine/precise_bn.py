@@ -27,6 +27,11 @@ def backbone_batchnorms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
             and is_backbone(f"{name}.running_mean")]
 
 
+def _batch_stats_if_possible(bn: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    x = inputs[0]
+    bn.train(x.numel() > x.shape[1])
+
+
 @torch.no_grad()
 def recompute_bn_stats(model: nn.Module, batches: Iterable[Any], num_batches: int) -> int:
     """Recompute the backbone BN statistics of ``model`` from up to ``num_batches`` (images, labels) batches under
@@ -46,6 +51,9 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[Any], num_batches: in
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the batches that reach the layer
         bn.train()
+    # one value per channel (a single executing image at 1x1) has no batch statistics: that call runs on the
+    # running ones and adds nothing
+    hooks = [bn.register_forward_pre_hook(_batch_stats_if_possible) for bn in bns]
     device = next(net.parameters()).device
     used = 0
     try:
@@ -55,6 +63,8 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[Any], num_batches: in
             net(images.to(device, non_blocking=True))
             used += 1
     finally:
+        for h in hooks:
+            h.remove()
         for bn, (momentum, mean, var, count) in zip(bns, saved):
             bn.momentum = momentum
             if int(bn.num_batches_tracked) == 0:  # never reached: keep what it had

@@ -69,7 +69,7 @@ def _rank_main(local_rank: int, cfg_dict: dict, world: int, port: int, result_pa
     setup_logging(local_rank)
     from omegaconf import OmegaConf
 
-    from ..launch.events import RunIdEvent
+    from .run_id_event import RunIdEvent
     from . import heartbeat
 
     tmp = Path(result_path).parent

@@ -15,17 +15,9 @@ import logging
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..preflight import check_sync_bn
 
 log = logging.getLogger("spnet.train")
-
-
-def check_sync_bn(enabled: bool, world: int, cuda: bool) -> None:
-    """Refuse ``model.sync_bn=true`` where torch cannot run it (several ranks on CPU)."""
-    if enabled and world > 1 and not cuda:
-        raise ConfigError(f"model.sync_bn=true needs CUDA: torch's SyncBatchNorm does not run on CPU (gloo), and "
-                          f"this run has {world} CPU ranks; use model.sync_bn=false (per-rank BatchNorm, as SP-Net's "
-                          f"official code) or run on GPUs")
 
 
 def convert_sync_bn(model: nn.Module, enabled: bool, world: int, cuda: bool | None = None) -> nn.Module:

@@ -155,7 +155,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
             overrides.append("resume=auto")
         from ..engine import preempt
         from ..engine.run import train_from_overrides
-        from .events import RunIdEvent
+        from ..engine.run_id_event import RunIdEvent
 
         from ..engine import heartbeat
 

@@ -1,5 +1,6 @@
-"""A SLURM job's training hook: record the MLflow run id in the job's ``events.jsonl`` as soon as the run exists,
-so `spnet jobs status` names the run while the job is still training."""
+"""A training hook of SLURM jobs and local multi-rank runs: record the MLflow run id in a JSON-lines file (a job's
+``events.jsonl``) as soon as the run exists, so `spnet jobs status` names the run while the job is still training,
+and a launcher can mark the run when its rank 0 dies."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..engine.hook import Hook
+from .hook import Hook
 
 log = logging.getLogger("spnet.launch")
 
