@@ -31,7 +31,7 @@ def _exec_rate_history(db: Path, run_id: str) -> list[float]:
 def test_spnet_code_trains_toward_target_saves_teacher_and_skip_matches_dense(tiny_data, tmp_path):
     # rate_weight=0 leaves the rate at ~0.9 and fails the first assertion below (checked by hand).
     proc = run_spnet(*tiny_train_args(tiny_data, tmp_path, "method=spnet_code", "model=resnet_tiny",
-                                      f"method.target_rate={TARGET}", "method.rate_weight=8", "trainer.epochs=2",
+                                      f"method.target_rate={TARGET}", "method.rate_weight=2", "trainer.epochs=2",
                                       "eval.every_epochs=2"), cwd=tmp_path)
     summary = last_json(proc.stdout)
     assert summary["method"] == "spnet" and summary["steps"] == 16
