@@ -91,6 +91,8 @@ class Heartbeat(threading.Thread):
                     print(f"spnet: rank {self.rank}: {describe(found)}", file=sys.stderr, flush=True)
             elif self.lost_at is not None and now - self.lost_at >= self.grace_s:
                 report(diagnosis(self.rank, self.lost, "the watchdog ended the stuck rank"))
+                print(f"spnet train: rank {self.rank}: {describe(self.lost)}; this rank was still waiting after "
+                      f"{self.grace_s:.0f} s more: ending it (exit {EXIT_RANK_LOST})", file=sys.stderr, flush=True)
                 os._exit(EXIT_RANK_LOST)
 
     def check_self(self, now: float) -> None:
