@@ -158,3 +158,17 @@ def test_resume_classifies_the_new_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"resume_allow=\[model.sync_bn\]"):
         check_resume_config(compose(["model.sync_bn=true"]), saved, tmp_path)
     assert check_resume_config(compose(["model.sync_bn=true", "resume_allow=[model.sync_bn]"]), saved, tmp_path)
+
+
+def test_spnet_cifar_brings_its_official_clamp_unless_optim_sets_one():
+    """method=spnet_cifar carries train_cifar.py's element-wise clamp (0.5) wherever it trains; an explicit
+    optim.grad_clamp wins; other methods get none."""
+    from spnet_dist.engine.setup import with_method_clamp
+
+    def clamp(*over):
+        cfg = compose(["model=resnet32_cifar", *over])
+        return with_method_clamp(cfg.optim, cfg.method).get("grad_clamp")
+
+    assert clamp("method=spnet_cifar") == 0.5
+    assert clamp("method=spnet_cifar", "optim.grad_clamp=2.0") == 2.0
+    assert clamp("method=aig") is None

@@ -119,6 +119,16 @@ def param_groups(model: torch.nn.Module, no_decay_bn: bool, lr: float, router_lr
     return groups
 
 
+def with_method_clamp(optim: Any, method_cfg: Any) -> Any:
+    """``optim`` with the method's own ``grad_clamp`` (``method.grad_clamp``, e.g. SP-Net's CIFAR code) where
+    ``optim.grad_clamp`` is null; an explicit ``optim.grad_clamp`` wins."""
+    from omegaconf import OmegaConf
+
+    if optim.get("grad_clamp") is not None or method_cfg.get("grad_clamp") is None:
+        return optim
+    return OmegaConf.merge(optim, {"grad_clamp": float(method_cfg.get("grad_clamp"))})
+
+
 def build_optimizer(model: torch.nn.Module, optim: Any, router_group: bool = False) -> torch.optim.SGD:
     """SGD of ``optim`` (lr, momentum, weight_decay, nesterov, fused, no_decay_bn, router_lr_mult, grad_clamp).
     ``fused``: one multi-tensor kernel per step (CPU and CUDA) instead of torch's per-parameter loop (SP-Net

@@ -19,7 +19,7 @@ from .hook import Hook
 from .loop import Progress, TrainLoop
 from .resume_config import check_resume_config
 from .rng import seed_all, set_rng_state
-from .setup import build_optimizer, deepspeed_config, setup_process
+from .setup import build_optimizer, deepspeed_config, setup_process, with_method_clamp
 from .sync_bn import convert_sync_bn
 
 log = logging.getLogger("spnet.train")
@@ -152,7 +152,8 @@ def train(cfg: Any, hooks: Sequence[Hook] = (), plan: Any = None) -> dict[str, A
     resolve_num_classes(cfg, plan)  # model.num_classes=auto: a no-op after the pre-flight, which wrote the number
     model, method_cfg = build_from_config(cfg.model, cfg.method)
     model = convert_sync_bn(model, bool(cfg.model.get("sync_bn", False)), world)  # before optimizer and teacher
-    optimizer = build_optimizer(model, cfg.optim, router_group=method_class(method_cfg).router_param_group)
+    optimizer = build_optimizer(model, with_method_clamp(cfg.optim, method_cfg),
+                                router_group=method_class(method_cfg).router_param_group)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
     method = build_method(method_cfg, engine.module)
     if cfg.trainer.get("compile"):  # after build_method: a deep copy of a compiled module would call the original
