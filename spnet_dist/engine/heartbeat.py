@@ -139,10 +139,14 @@ def start(rank: int, world: int, stale_s: float) -> None:
 
 
 def stop() -> None:
+    """End the heartbeat and wait for its thread: a daemon thread still inside a store call when the interpreter
+    exits ends the process with std::terminate (SIGABRT, "terminate called without an active exception")."""
     global _beat
     if _beat is not None:
-        _beat.halt.set()
-        _beat = None
+        beat, _beat = _beat, None
+        beat.halt.set()
+        if beat is not threading.current_thread():
+            beat.join(timeout=3 * max(5.0, 2 * INTERVAL_S))  # a store call ends within its own timeout
 
 
 def set_reporter(fn: Callable[[dict[str, Any]], None] | None) -> None:
