@@ -152,3 +152,22 @@ def test_spnet_cifar_recipe_trains_on_tiny_32px_data(tiny_data, tmp_path):
     assert len(evo) == 3 and all(0.0 < v <= 6.0 for v in evo), evo  # 3 stages x (1 - cos) in [0, 2]
     assert run.data.params["method.evo_form"] == "within_stage" and int(run.data.params["model.num_classes"]) \
         == TINY_CLASSES
+
+
+def test_within_stage_evolution_loss_and_a_stage_whose_blocks_were_skipped():
+    """Image 0 skipped every block between first and middle tap (e₁ = 0 exactly): officially its cosine is 0 (loss 1)
+    with a ~1/eps gradient; with skip_unchanged it leaves the mean (its angle is undefined). Image 1 turns by 90°."""
+    def taps():
+        first = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+        mid = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+        last = torch.tensor([[2.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+        return mid, [(first, mid, last)]
+
+    mid, official = taps()
+    loss = within_stage_evolution_loss(official)
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0) and mid.grad[0].abs().max() > 1e6  # what the official clamp cuts
+    mid, skipping = taps()
+    loss = within_stage_evolution_loss(skipping, skip_unchanged=True)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5) and mid.grad.abs().max() < 10 and mid.grad[0].abs().max() == 0

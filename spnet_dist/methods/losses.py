@@ -184,13 +184,28 @@ def evolution_loss(features: Sequence[Tensor], form: str = "consecutive") -> Ten
     return torch.stack(terms).sum()
 
 
-def within_stage_evolution_loss(taps: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+def within_stage_evolution_loss(taps: Sequence[tuple[Tensor, Tensor, Tensor]], skip_unchanged: bool = False
+                                ) -> Tensor:
     """SP-Net's official CIFAR L_evo (unscaled; ``train_cifar.py``, spec §5.e): per stage the pooled outputs of its
     first, middle and last block, e₁ = f_mid − f_first, e₂ = f_last − f_mid, ``Σ_stages mean_i (1 − cos(e₁,i, e₂,i))``
-    (the official ``--cos_margin`` is 0 by default and not offered)."""
+    (the official ``--cos_margin`` is 0 by default and not offered).
+
+    An image whose every block between two taps was skipped has e = 0 exactly (a skipped block passes its input on):
+    its cosine is 0 and its gradient ~1/eps, which the official code's element-wise clamp cuts to ±0.5 per element.
+    ``skip_unchanged`` (``method.evo_skip_unchanged``, a deviation) leaves such image-stage pairs out of the mean
+    instead (their angle is undefined); a stage with none left adds 0."""
     if not taps:
         raise ValueError("within_stage L_evo needs the model's stage taps (DynamicResNet.stage_taps = True)")
-    terms = [_one_minus_cos((mid - first).flatten(1), (last - mid).flatten(1)) for first, mid, last in taps]
+    terms = []
+    for first, mid, last in taps:
+        e1, e2 = (mid - first).flatten(1), (last - mid).flatten(1)
+        if not skip_unchanged:
+            terms.append(_one_minus_cos(e1, e2))
+            continue
+        scale = torch.maximum(first.flatten(1).norm(dim=1), last.flatten(1).norm(dim=1))
+        keep = (e1.norm(dim=1) > 1e-6 * scale) & (e2.norm(dim=1) > 1e-6 * scale)
+        cos = F.cosine_similarity(e1[keep], e2[keep], dim=1, eps=1e-8)
+        terms.append((1.0 - cos).sum() / max(int(keep.numel()), 1))  # mean over the stage's images, 0 for the left-out
     return torch.stack(terms).sum()
 
 

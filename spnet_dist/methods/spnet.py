@@ -70,6 +70,7 @@ class SPNet(GatedMethod):
         self.w_path = float(cfg_get(c, "w_path", 0.1))
         self.w_evo = float(cfg_get(c, "w_evo", 1e-4))
         self.evo_form = str(cfg_get(c, "evo_form", "consecutive"))
+        self.evo_skip_unchanged = bool(cfg_get(c, "evo_skip_unchanged", False))  # within_stage only (a deviation)
         self.momentum = float(cfg_get(c, "ema_momentum", 0.9))
         self.teacher_mode = str(cfg_get(c, "teacher_mode", "train"))
         self.teacher_buffers = str(cfg_get(c, "teacher_buffers", "copy"))
@@ -208,7 +209,7 @@ class SPNet(GatedMethod):
         if self.w_evo == 0.0:
             l_evo = zero
         elif self.evo_form == "within_stage":
-            l_evo = within_stage_evolution_loss(out.stage_taps)
+            l_evo = within_stage_evolution_loss(out.stage_taps, self.evo_skip_unchanged)
         else:
             l_evo = evolution_loss(out.stage_features, self.evo_form)
 
