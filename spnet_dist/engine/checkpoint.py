@@ -106,7 +106,8 @@ def resolve_resume(resume: str | None, directory: str | Path, verify: bool = Tru
     if resume in (None, "none", "None", ""):
         return None
     if resume == "auto":
-        for tag in reversed([t for t in complete_tags(directory) if t not in set(skip)]):
+        skipped = set(skip)
+        for tag in reversed([t for t in complete_tags(directory) if t not in skipped]):
             reason = problem_with(directory, tag, verify)
             if reason is None:
                 return Path(directory), tag
