@@ -109,10 +109,9 @@ def read_result(entry: dict[str, Any], task: int = 0) -> tuple[str, Any] | None:
 
 
 def events(entry: dict[str, Any]) -> list[dict[str, Any]]:
-    path = Path(entry["job_dir"]) / "events.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    from .supervise import read_events
+
+    return read_events(Path(entry["job_dir"]))
 
 
 def state(entry: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,6 @@ Each task builds the torch.distributed environment from the SLURM job, then runs
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -34,8 +33,8 @@ from typing import Any, Sequence
 import submitit
 
 from .. import distributed as D
+from .supervise import EVENTS, append_event
 
-EVENTS = "events.jsonl"
 TIMER_SLACK_S = 45  # SLURM checks time limits every ~30 s; plus the time to write the checkpoint
 
 
@@ -239,9 +238,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     def _event(self, event: str, **fields: Any) -> None:
         try:
-            Path(self.job_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(self.job_dir) / EVENTS, "a") as f:
-                f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+            append_event(Path(self.job_dir), event, **fields)
         except OSError as err:
             log(f"could not write {EVENTS}: {err}")
 
