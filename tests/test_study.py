@@ -46,6 +46,7 @@ def test_study_json_matches_the_mlflow_store(study):
         assert r["delta_top1"] == pytest.approx(m["val/top1"] - out["static"]["top1"])
         assert run.data.params["method.target_rate"] == str(TARGET)
         assert run.data.params["model.pretrained"].endswith("static")
+        assert run.data.params["method.rate_weight"] == "30"  # the study's rate weight, not the presets' 1 / 2
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["spnet.kind"] == "study"
     saved = json.loads(Path(client.download_artifacts(out["parent_run_id"], "study.json", str(tmp))).read_text())
@@ -103,3 +104,24 @@ def test_static_checkpoint_reused_by_a_second_study(study):
     assert res["static"]["top1"] == out["static"]["top1"]
     assert res["static"]["macs_per_image"] == out["static"]["macs_per_image"]
     assert [r["key"] for r in res["runs"]] == [f"aig-t{TARGET:g}"]
+
+
+def test_method_overrides_go_to_the_fine_tunes_and_win_over_the_study_rate_weight():
+    """The plan alone (no training): ``method.*`` overrides never reach the static run (it has no such keys); the
+    study's ``--rate-weight`` goes to methods that have the key unless an override sets it; a ``method.*`` override goes
+    only to the methods that have its key."""
+    from omegaconf import OmegaConf
+
+    from spnet_dist.launch.study import StudySpec, plan_runs
+
+    cfg = OmegaConf.create({"checkpoint": {"dir": "ck"}, "optim": {"lr": 0.1}})
+    spec = StudySpec(name="s", methods=["aig", "boostnet"], targets=[0.5], overrides=["method.tie_tol=0.1"])
+    keys = {"aig": {"rate_weight", "target_rate"}, "boostnet": {"tie_tol", "target_rate"}}
+    static, aig, boost = plan_runs(spec, cfg, keys)
+    assert not [o for o in static.overrides if o.startswith("method.")]
+    assert "method.rate_weight=30" in aig.overrides and "method.tie_tol=0.1" not in aig.overrides
+    assert "method.tie_tol=0.1" in boost.overrides
+    assert not [o for o in boost.overrides if o.startswith("method.rate_weight")]
+    spec.overrides = ["method.rate_weight=2"]
+    _, aig, _ = plan_runs(spec, cfg, keys)
+    assert [o for o in aig.overrides if o.startswith("method.rate_weight")] == ["method.rate_weight=2"]

@@ -25,7 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-lr-mult", type=float, default=10.0, metavar="X",
                    help="optim.router_lr_mult of the gated runs: the fresh routers learn at X x the fine-tune lr "
                         "(default 10, i.e. at optim.lr when --finetune-lr is the default 0.1 x optim.lr)")
+    p.add_argument("--rate-weight", default=30.0, type=_rate_weight, metavar="LAMBDA",
+                   help="method.rate_weight of the gated fine-tunes (default 30; 'preset' keeps each method's "
+                        "paper value; a method.rate_weight=... override wins)")
     p.add_argument("--cluster", default=None, help="run as `spnet submit` jobs on this cluster profile")
+
+
+def _rate_weight(text: str) -> float | None:
+    if text == "preset":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate weight: give a number >= 0 or 'preset'")
+    return value
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,7 +55,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = StudySpec(name=args.name, methods=list(args.methods), targets=parse_targets(args.targets),
                      overrides=overrides, static_epochs=args.static_epochs, epochs=args.epochs,
                      static_checkpoint=args.static, finetune_lr=args.finetune_lr,
-                     calibration_batches=args.calibrate, router_lr_mult=args.router_lr_mult, cluster=args.cluster)
+                     calibration_batches=args.calibrate, router_lr_mult=args.router_lr_mult,
+                     rate_weight=args.rate_weight,
+                     cluster=args.cluster)
     summary = study(spec)
     print_table(summary)
     return summary

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from ..errors import ConfigError, SpnetError
 
@@ -48,6 +48,7 @@ class StudySpec:
     finetune_lr: float | None = None
     calibration_batches: int = 16
     router_lr_mult: float = 10.0
+    rate_weight: float | None = 30.0  # method.rate_weight of the fine-tunes whose method has one (None: the preset's)
     cluster: str | None = None
 
 
@@ -55,8 +56,24 @@ def run_key(method: str, target: float | None) -> str:
     return "static" if target is None else f"{method}-t{target:g}"
 
 
-def plan_runs(spec: StudySpec, cfg: Any) -> list[StudyRun]:
-    """The static run (unless ``--static`` names a checkpoint) and every method × target, with their overrides."""
+def is_method_key(override: str) -> bool:
+    """``method.*`` overrides are the fine-tunes' only: the static method has none of their keys."""
+    return override.split("=", 1)[0].lstrip("+~").startswith("method.")
+
+
+def applies_to(override: str, keys: Collection[str]) -> bool:
+    """Whether ``override`` goes to a method with these ``method.*`` keys (every non-method override does)."""
+    key = override.split("=", 1)[0]
+    if not is_method_key(override) or key.startswith("+"):
+        return True
+    return key.lstrip("~").split(".")[1] in keys
+
+
+def plan_runs(spec: StudySpec, cfg: Any, method_keys: Mapping[str, Collection[str]] | None = None) -> list[StudyRun]:
+    """The static run (unless ``--static`` names a checkpoint) and every method × target, with their overrides.
+    ``method_keys``: each method's ``method.*`` keys (None: take every override as it is). A ``method.*`` override
+    goes to the methods that have its key, ``spec.rate_weight`` to those with ``rate_weight`` unless an override
+    sets it."""
     base = Path(str(cfg.checkpoint.dir)) / spec.name
     if spec.cluster:  # the jobs' working directory need not be ours
         base = base.absolute()
@@ -64,18 +81,25 @@ def plan_runs(spec: StudySpec, cfg: Any) -> list[StudyRun]:
     static_dir = spec.static_checkpoint or str(base / "static")
     runs = []
     if spec.static_checkpoint is None:
+        static_user = [o for o in user if not is_method_key(o)]
         runs.append(StudyRun("static", "static", None, [
-            *user, "method=static", f"checkpoint.dir={static_dir}", f"name={spec.name}/static", "resume=auto",
+            *static_user, "method=static", f"checkpoint.dir={static_dir}", f"name={spec.name}/static", "resume=auto",
             *([f"trainer.epochs={spec.static_epochs}"] if spec.static_epochs else [])], static_dir))
     lr = spec.finetune_lr if spec.finetune_lr is not None else 0.1 * float(cfg.optim.lr)
+    user_weight = any(o.split("=", 1)[0].lstrip("+~") == "method.rate_weight" for o in user)
     for m in spec.methods:
+        keys = None if method_keys is None else method_keys[m]
+        own = [o for o in user if keys is None or applies_to(o, keys)]
+        weight = ([f"method.rate_weight={spec.rate_weight:g}"]
+                  if (keys is None or "rate_weight" in keys) and spec.rate_weight is not None and not user_weight
+                  else [])
         for t in spec.targets:
             key = run_key(m, t)
             ckpt = str(base / key)
             runs.append(StudyRun(key, m, t, [
-                *user, f"method={m}", f"method.target_rate={t}", f"model.pretrained={static_dir}",
+                *own, f"method={m}", f"method.target_rate={t}", f"model.pretrained={static_dir}",
                 f"optim.lr={lr:g}", f"optim.router_lr_mult={spec.router_lr_mult:g}",
-                f"eval.gate_calibration_batches={spec.calibration_batches}",
+                f"eval.gate_calibration_batches={spec.calibration_batches}", *weight,
                 f"checkpoint.dir={ckpt}", f"name={spec.name}/{key}", "resume=auto",
                 *([f"trainer.epochs={spec.epochs}"] if spec.epochs else [])], ckpt))
     return runs
@@ -126,11 +150,21 @@ def study(spec: StudySpec) -> dict[str, Any]:
     if (profile or cluster_items) and not spec.cluster:
         raise ConfigError(f"{[*([f'cluster={profile}'] if profile else []), *cluster_items]} configure SLURM jobs: "
                           f"add --cluster <profile> to run the study as jobs, or drop them to run it here")
-    cfg = compose(train_overrides)
+    cfg = compose([o for o in train_overrides if not is_method_key(o)])
+    common = [o for o in train_overrides if not is_method_key(o)]
+    method_keys = {m: set(compose([*common, f"method={m}"]).method) for m in spec.methods}
+    for o in (o for o in train_overrides if is_method_key(o)):
+        missing = [m for m in spec.methods if not applies_to(o, method_keys[m])]
+        if len(missing) == len(spec.methods):
+            raise ConfigError(f"{o!r}: no method of this study ({', '.join(spec.methods)}) has that key")
+        if missing:
+            log.info("study: %s goes to the %s runs only (%s has no such key)",
+                     o, ", ".join(m for m in spec.methods if m not in missing), ", ".join(missing))
     for m in spec.methods:  # every run's config and the data, checked before the first run starts
-        preflight(compose([*train_overrides, f"method={m}", "method.target_rate=0.5"]))
+        own = [o for o in train_overrides if applies_to(o, method_keys[m])]
+        preflight(compose([*own, f"method={m}", "method.target_rate=0.5"]))
     uri, experiment = str(cfg.tracking.uri), str(cfg.tracking.experiment)
-    runs = plan_runs(spec, cfg)
+    runs = plan_runs(spec, cfg, method_keys)
     parent = S.parent_run(uri, experiment, spec.name, spec_dict(spec))
     finished = S.finished_runs(uri, experiment, spec.name)
     todo = [r for r in runs if r.key not in finished]
@@ -168,7 +202,7 @@ def spec_dict(spec: StudySpec) -> dict[str, Any]:
     return {"name": spec.name, "methods": spec.methods, "targets": spec.targets, "overrides": spec.overrides,
             "static_epochs": spec.static_epochs, "epochs": spec.epochs, "static": spec.static_checkpoint,
             "finetune_lr": spec.finetune_lr, "calibration_batches": spec.calibration_batches,
-            "router_lr_mult": spec.router_lr_mult,
+            "router_lr_mult": spec.router_lr_mult, "rate_weight": spec.rate_weight,
             "cluster": spec.cluster}
 
 
