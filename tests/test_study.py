@@ -54,10 +54,14 @@ def test_study_json_matches_the_mlflow_store(study):
     assert "frontier_relative.png" in [a.path for a in client.list_artifacts(out["parent_run_id"])]
 
 
-def test_calibrated_gates_execute_their_target_rate_at_evaluation(study):
+def test_gates_reach_their_target_in_training_and_at_evaluation(study):
+    """The sampled training rate too: the gates open at 0.87, and the study's rate weight moves them to the target
+    within a few steps (at the SP-Net preset's weight 2 a tiny20 fine-tune still trained at 0.70 after 500 steps:
+    README "Cost–accuracy study")."""
     _, _, out, _ = study
     for r in out["runs"]:
         assert abs(r["exec_rate"] - TARGET) <= TOLERANCE, r
+        assert abs(r["train_exec_rate"] - TARGET) <= TOLERANCE, r
         assert r["rel_macs"] < 1.0, r
 
 

@@ -20,6 +20,7 @@ Range = tuple[float | None, float | None, bool]  # (low, high, low inclusive)
 RUN_CHOICES: dict[str, tuple] = {
     "deepspeed.stage": (0, 1, 2),
     "eval.execution": ("dense", "skip"),
+    "eval.gate_calibration_transform": ("eval", "train"),
     "trainer.on_nonfinite": ("stop", "skip"),
 }
 _WHY = {"deepspeed.stage": " (ZeRO stage 3 is not available; deepspeed=zero0|zero1|zero2 set it)"}

@@ -309,7 +309,8 @@ def standard_hooks(cfg: Any, optimizer: torch.optim.Optimizer, ckpt: Checkpointe
     if int(cfg.eval.get("precise_bn_batches", 0) or 0) > 0:
         hooks.append(PreciseBN(int(cfg.eval.precise_bn_batches)))
     if int(cfg.eval.get("gate_calibration_batches", 0) or 0) > 0:
-        hooks.append(GateCalibration(int(cfg.eval.gate_calibration_batches)))
+        hooks.append(GateCalibration(int(cfg.eval.gate_calibration_batches),
+                                     str(cfg.eval.get("gate_calibration_transform", "eval"))))
     hooks += [BestCheckpoint(ckpt), Evaluation(), Checkpointing(ckpt)]  # best: its after_train after the last eval
     if D.rank() == 0 and cfg.trainer.progress:
         hooks.append(ProgressBar())

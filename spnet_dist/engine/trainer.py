@@ -115,15 +115,23 @@ def build_loaders(cfg: Any, method: Any, plan: Any, state: dict[str, Any] | None
 
 
 def fresh_train_pass(cfg: Any, plan: Any, files: Any) -> Any:
-    """``seed -> loader``: a new pass over this rank's training files (for PreciseBN), independent of the training
-    loader's position."""
+    """``(seed, eval_transform=False, limit=None) -> loader``: a new pass over this rank's training files (PreciseBN,
+    gate calibration), independent of the training loader's position. ``eval_transform``: the evaluation transform
+    on a seeded random sample of ``limit`` training files (all of them without a limit), in that sample's order."""
+    import random
+
     from omegaconf import OmegaConf
 
     from ..data.loader import build_loader
 
-    def make(seed: int) -> Any:
+    def make(seed: int, eval_transform: bool = False, limit: int | None = None) -> Any:
         seeded = OmegaConf.merge(cfg, {"seed": int(seed)})
-        return build_loader(seeded, plan, train=True, shard_id=D.rank(), num_shards=D.world_size(), files=files)
+        if not eval_transform:
+            return build_loader(seeded, plan, train=True, shard_id=D.rank(), num_shards=D.world_size(), files=files)
+        pool = list(plan.train.files if files is None else files)
+        sample = random.Random(seed).sample(pool, min(limit or len(pool), len(pool)))
+        return build_loader(seeded, plan, train=False, shard_id=D.rank(), num_shards=D.world_size(), files=sample,
+                            split="train")
 
     return make
 
