@@ -82,3 +82,31 @@ def test_calibrated_run_checkpoints_its_offsets_and_spnet_eval_applies_them(tiny
     assert len(offsets) == 4 and any(o != 0.0 for o in offsets)
     evaluated = last_json(run_spnet("eval", f"checkpoint={trained['checkpoint']}", cwd=tmp_path).stdout)
     assert evaluated["block_rates"] == trained["block_rates"] and evaluated["top1"] == trained["top1"]
+
+
+def test_calibration_pass_sees_a_seeded_sample_of_training_images_as_evaluation_does(tiny_data):
+    """``eval.gate_calibration_transform=eval``: the pass is ``limit`` training images under the evaluation transform
+    (the same tensors for the same seed, another sample for another seed), not augmented crops."""
+    from spnet_dist.config import compose
+    from spnet_dist.data.preflight import plan_data
+    from spnet_dist.engine.trainer import fresh_train_pass
+
+    from conftest import TINY_CLASSES
+
+    cfg = compose([f"data.root={tiny_data}", f"model.num_classes={TINY_CLASSES}", "trainer.batch_size=8",
+                   "data.image_size=32", "data.val_resize=36"])
+    make = fresh_train_pass(cfg, plan_data(cfg, world=1), None)
+
+    def images(seed: int, **kw) -> torch.Tensor:
+        loader = make(seed, **kw)
+        try:
+            return torch.cat([x.float() for x, _ in loader])
+        finally:
+            getattr(loader, "release", lambda: None)()
+
+    first, again = images(5, eval_transform=True, limit=16), images(5, eval_transform=True, limit=16)
+    assert first.shape[0] == 16 and torch.equal(first, again)
+    assert not torch.equal(first, images(6, eval_transform=True, limit=16))
+    augmented = [images(5), images(5)]  # two augmented passes of the same seed agree, and differ from evaluation
+    assert torch.equal(*augmented) and augmented[0].shape[0] == 64
+    assert not any(torch.equal(first[i], a) for i in range(16) for a in augmented[0])
