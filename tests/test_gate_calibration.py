@@ -45,6 +45,20 @@ def test_argmax_gates_execute_their_targets_after_calibration(one_torch_thread):
     assert (on_fresh[:3] - torch.tensor(TARGETS[:3])).abs().max() < 0.1, on_fresh
 
 
+def test_a_router_with_one_margin_for_every_image_is_made_up_by_the_others(one_torch_thread):
+    """Block 0's router outputs its bias whatever the image (no threshold can run 0.3 of the images): it stays at
+    0, and blocks 1 and 2 are refitted so that the gated blocks still execute the mean target between them."""
+    model = _model()
+    with torch.no_grad():
+        list(model.blocks())[0].router.fc2.weight.zero_()
+    calib = _batches(1)
+    calibrate_gates(model, lambda: iter(calib), TARGETS, num_batches=4)
+    rates = _eval_rates(model, calib)
+    assert rates[0] == 0.0
+    assert abs(float(rates[:3].mean()) - sum(TARGETS[:3]) / 3) <= 2 / 128, rates
+    assert rates[1] > TARGETS[1] + 0.1 and rates[2] > TARGETS[2] + 0.1, rates
+
+
 def test_training_gates_ignore_the_offsets(one_torch_thread):
     model = _model()
     x = _batches(3, n=1)[0][0]

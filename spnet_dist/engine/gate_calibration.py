@@ -34,12 +34,45 @@ def set_offsets(model: torch.nn.Module, offsets: list[float]) -> None:
         blk.gate_offset = float(off)
 
 
+STUCK_TOLERANCE = 0.05  # a block whose argmax rate stays this far from its target cannot be split by a threshold
+
+
+def _global_mean(value: float) -> float:
+    if not D.multi_rank():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=D.comm_device())
+    dist.all_reduce(t)
+    return float(t) / D.world_size()
+
+
+def _fit_block(net: torch.nn.Module, blk: torch.nn.Module, batches: Callable[[], Iterable[Any]], num_batches: int,
+               target: float, device: torch.device) -> tuple[float, float]:
+    """(offset, the argmax rate it gives on these images): the offset is minus the (1 − target) quantile of the
+    block's margins, averaged over ranks."""
+    margins: list[torch.Tensor] = []
+    handle = blk.router.register_forward_hook(
+        lambda mod, inp, out: margins.append((out[:, 1] - out[:, 0]).float().cpu()))
+    try:
+        for images, _ in islice(batches(), num_batches):
+            net(images.to(device, non_blocking=True))
+    finally:
+        handle.remove()
+    m = torch.cat(margins)
+    offset = -_global_mean(float(torch.quantile(m, 1.0 - target)))
+    return offset, _global_mean(float((m + offset > 0).float().mean()))  # a tie (margin = -offset) skips
+
+
 @torch.no_grad()
 def calibrate_gates(model: torch.nn.Module, batches: Callable[[], Iterable[Any]], targets: list[float],
                     num_batches: int) -> list[float]:
     """Offsets that make each gated block's argmax gate execute ``targets[i]`` of the images of ``batches()`` (a
     fresh, identical pass per block); blocks with target 1 or without router get 0. Returns the offsets, which are
-    also set on the model."""
+    also set on the model.
+
+    A router whose margin is the same for most images (e.g. its hidden units inactive on them) cannot be split at
+    its target by any threshold: it runs almost none or almost all of them. Such *stuck* blocks keep their offset,
+    and a second pass refits the others to targets shifted by the stuck blocks' mean shortfall (clipped to [0, 1]),
+    so that the network's execution rate stays at the mean target."""
     from ..methods.base import unwrap_model
 
     net = unwrap_model(model)
@@ -49,25 +82,21 @@ def calibrate_gates(model: torch.nn.Module, batches: Callable[[], Iterable[Any]]
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
+    gated = [i for i, (blk, t) in enumerate(zip(blocks, targets))
+             if blk.router is not None and t < 1.0 and getattr(net, "num_options", 2) == 2]
     try:
-        for i, (blk, target) in enumerate(zip(blocks, targets)):
-            if blk.router is None or target >= 1.0 or getattr(net, "num_options", 2) != 2:
-                continue
-            margins: list[torch.Tensor] = []
-            handle = blk.router.register_forward_hook(
-                lambda mod, inp, out: margins.append((out[:, 1] - out[:, 0]).float().cpu()))
-            try:
-                for images, _ in islice(batches(), num_batches):
-                    net(images.to(device, non_blocking=True))
-            finally:
-                handle.remove()
-            q = torch.quantile(torch.cat(margins), 1.0 - target).reshape(1)
-            if D.multi_rank():
-                q = q.to(D.comm_device())
-                dist.all_reduce(q)
-                q /= D.world_size()
-            offsets[i] = -float(q)
-            blk.gate_offset = offsets[i]
+        achieved = {}
+        for i in gated:
+            offsets[i], achieved[i] = _fit_block(net, blocks[i], batches, num_batches, targets[i], device)
+            blocks[i].gate_offset = offsets[i]
+        stuck = [i for i in gated if abs(achieved[i] - targets[i]) > STUCK_TOLERANCE]
+        free = [i for i in gated if i not in stuck]
+        if stuck and free:
+            shift = sum(targets[i] - achieved[i] for i in stuck) / len(free)
+            for i in free:
+                target = min(max(targets[i] + shift, 0.0), 1.0)
+                offsets[i], _ = _fit_block(net, blocks[i], batches, num_batches, target, device)
+                blocks[i].gate_offset = offsets[i]
     finally:
         net.train(was_training)
     return offsets
