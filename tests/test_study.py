@@ -113,7 +113,7 @@ def test_static_checkpoint_reused_by_a_second_study(study):
 def test_method_overrides_go_to_the_fine_tunes_and_win_over_the_study_rate_weight():
     """The plan alone (no training): ``method.*`` overrides never reach the static run (it has no such keys); the
     study's ``--rate-weight`` goes to methods that have the key unless an override sets it; a ``method.*`` override goes
-    only to the methods that have its key."""
+    only to the methods that have its key; ``--finetune-milestones`` is the fine-tunes' schedule only."""
     from omegaconf import OmegaConf
 
     from spnet_dist.launch.study import StudySpec, plan_runs
@@ -126,6 +126,10 @@ def test_method_overrides_go_to_the_fine_tunes_and_win_over_the_study_rate_weigh
     assert "method.rate_weight=30" in aig.overrides and "method.tie_tol=0.1" not in aig.overrides
     assert "method.tie_tol=0.1" in boost.overrides
     assert not [o for o in boost.overrides if o.startswith("method.rate_weight")]
-    spec.overrides = ["method.rate_weight=2"]
-    _, aig, _ = plan_runs(spec, cfg, keys)
+    spec.overrides, spec.finetune_milestones = ["method.rate_weight=2", "optim.milestones=[6]"], [8]
+    static, aig, _ = plan_runs(spec, cfg, keys)
     assert [o for o in aig.overrides if o.startswith("method.rate_weight")] == ["method.rate_weight=2"]
+    # --finetune-milestones: the fine-tunes' schedule, after (so winning over) the static run's
+    assert [o for o in static.overrides if o.startswith("optim.milestones")] == ["optim.milestones=[6]"]
+    assert [o for o in aig.overrides if o.startswith("optim.milestones")] == ["optim.milestones=[6]",
+                                                                              "optim.milestones=[8]"]

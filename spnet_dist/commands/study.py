@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-epochs", type=int, default=None, help="epochs of the static run (default: "
                                                                    "trainer.epochs)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of each fine-tune (default: trainer.epochs)")
+    p.add_argument("--finetune-milestones", nargs="+", type=int, default=None, metavar="EPOCH",
+                   help="epochs at which the fine-tunes' lr drops by optim.gamma (default: optim.milestones, as for "
+                        "the static run)")
     p.add_argument("--static", default=None, metavar="CHECKPOINT",
                    help="reuse this static checkpoint (tag dir or its parent) instead of training one")
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tune learning rate (default: 0.1 x "
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = StudySpec(name=args.name, methods=list(args.methods), targets=parse_targets(args.targets),
                      overrides=overrides, static_epochs=args.static_epochs, epochs=args.epochs,
                      static_checkpoint=args.static, finetune_lr=args.finetune_lr,
+                     finetune_milestones=args.finetune_milestones,
                      calibration_batches=args.calibrate, router_lr_mult=args.router_lr_mult,
                      rate_weight=args.rate_weight,
                      cluster=args.cluster)

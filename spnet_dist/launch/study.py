@@ -46,6 +46,7 @@ class StudySpec:
     epochs: int | None = None
     static_checkpoint: str | None = None
     finetune_lr: float | None = None
+    finetune_milestones: list[int] | None = None  # the fine-tunes' optim.milestones (None: as the static run's)
     calibration_batches: int = 16
     router_lr_mult: float = 10.0
     rate_weight: float | None = 30.0  # method.rate_weight of the fine-tunes whose method has one (None: the preset's)
@@ -87,6 +88,8 @@ def plan_runs(spec: StudySpec, cfg: Any, method_keys: Mapping[str, Collection[st
             *([f"trainer.epochs={spec.static_epochs}"] if spec.static_epochs else [])], static_dir))
     lr = spec.finetune_lr if spec.finetune_lr is not None else 0.1 * float(cfg.optim.lr)
     user_weight = any(o.split("=", 1)[0].lstrip("+~") == "method.rate_weight" for o in user)
+    milestones = ([f"optim.milestones=[{','.join(str(int(e)) for e in spec.finetune_milestones)}]"]
+                  if spec.finetune_milestones is not None else [])
     for m in spec.methods:
         keys = None if method_keys is None else method_keys[m]
         own = [o for o in user if keys is None or applies_to(o, keys)]
@@ -99,7 +102,7 @@ def plan_runs(spec: StudySpec, cfg: Any, method_keys: Mapping[str, Collection[st
             runs.append(StudyRun(key, m, t, [
                 *own, f"method={m}", f"method.target_rate={t}", f"model.pretrained={static_dir}",
                 f"optim.lr={lr:g}", f"optim.router_lr_mult={spec.router_lr_mult:g}",
-                f"eval.gate_calibration_batches={spec.calibration_batches}", *weight,
+                f"eval.gate_calibration_batches={spec.calibration_batches}", *weight, *milestones,
                 f"checkpoint.dir={ckpt}", f"name={spec.name}/{key}", "resume=auto",
                 *([f"trainer.epochs={spec.epochs}"] if spec.epochs else [])], ckpt))
     return runs
@@ -201,7 +204,8 @@ def static_from_checkpoint(checkpoint: str, overrides: Sequence[str]) -> dict[st
 def spec_dict(spec: StudySpec) -> dict[str, Any]:
     return {"name": spec.name, "methods": spec.methods, "targets": spec.targets, "overrides": spec.overrides,
             "static_epochs": spec.static_epochs, "epochs": spec.epochs, "static": spec.static_checkpoint,
-            "finetune_lr": spec.finetune_lr, "calibration_batches": spec.calibration_batches,
+            "finetune_lr": spec.finetune_lr, "finetune_milestones": spec.finetune_milestones,
+            "calibration_batches": spec.calibration_batches,
             "router_lr_mult": spec.router_lr_mult, "rate_weight": spec.rate_weight,
             "cluster": spec.cluster}
 
