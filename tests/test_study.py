@@ -46,7 +46,7 @@ def test_study_json_matches_the_mlflow_store(study):
         assert r["delta_top1"] == pytest.approx(m["val/top1"] - out["static"]["top1"])
         assert run.data.params["method.target_rate"] == str(TARGET)
         assert run.data.params["model.pretrained"].endswith("static")
-        assert run.data.params["method.rate_weight"] == "30"  # the study's rate weight, not the presets' 1 / 2
+        assert run.data.params["method.rate_weight"] == "8"  # the study's: 2 per block x 4 blocks, not the preset's 2
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["spnet.kind"] == "study"
     saved = json.loads(Path(client.download_artifacts(out["parent_run_id"], "study.json", str(tmp))).read_text())
@@ -118,12 +118,13 @@ def test_method_overrides_go_to_the_fine_tunes_and_win_over_the_study_rate_weigh
 
     from spnet_dist.launch.study import StudySpec, plan_runs
 
-    cfg = OmegaConf.create({"checkpoint": {"dir": "ck"}, "optim": {"lr": 0.1}})
+    cfg = OmegaConf.create({"checkpoint": {"dir": "ck"}, "optim": {"lr": 0.1}, "model": {"layers": [5, 5, 5]}})
     spec = StudySpec(name="s", methods=["aig", "boostnet"], targets=[0.5], overrides=["method.tie_tol=0.1"])
     keys = {"aig": {"rate_weight", "target_rate"}, "boostnet": {"tie_tol", "target_rate"}}
     static, aig, boost = plan_runs(spec, cfg, keys)
     assert not [o for o in static.overrides if o.startswith("method.")]
-    assert "method.rate_weight=30" in aig.overrides and "method.tie_tol=0.1" not in aig.overrides
+    assert "method.rate_weight=30" in aig.overrides  # 2 per block x 15 blocks
+    assert "method.tie_tol=0.1" not in aig.overrides
     assert "method.tie_tol=0.1" in boost.overrides
     assert not [o for o in boost.overrides if o.startswith("method.rate_weight")]
     spec.overrides, spec.finetune_milestones = ["method.rate_weight=2", "optim.milestones=[6]"], [8]

@@ -28,21 +28,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-lr-mult", type=float, default=10.0, metavar="X",
                    help="optim.router_lr_mult of the gated runs: the fresh routers learn at X x the fine-tune lr "
                         "(default 10, i.e. at optim.lr when --finetune-lr is the default 0.1 x optim.lr)")
-    p.add_argument("--rate-weight", default=30.0, type=_rate_weight, metavar="LAMBDA",
-                   help="method.rate_weight of the gated fine-tunes (default 30; 'preset' keeps each method's "
-                        "paper value; a method.rate_weight=... override wins)")
+    p.add_argument("--rate-weight", default="per-block", type=_rate_weight, metavar="LAMBDA",
+                   help="method.rate_weight of the gated fine-tunes: a number, 'per-block' (default: 2 x the "
+                        "model's blocks, i.e. the CIFAR lambda = 2 for every block instead of averaged over them; "
+                        "30 for resnet32_cifar) or 'preset' (each method's paper value); a method.rate_weight=... "
+                        "override wins")
     p.add_argument("--cluster", default=None, help="run as `spnet submit` jobs on this cluster profile")
 
 
-def _rate_weight(text: str) -> float | None:
-    if text == "preset":
-        return None
+def _rate_weight(text: str) -> float | str | None:
+    if text in ("preset", "per-block"):
+        return None if text == "preset" else text
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate weight: give a number >= 0 or 'preset'")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate weight: give a number >= 0, 'per-block' or 'preset'")
     return value
 
 

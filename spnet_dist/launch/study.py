@@ -49,12 +49,26 @@ class StudySpec:
     finetune_milestones: list[int] | None = None  # the fine-tunes' optim.milestones (None: as the static run's)
     calibration_batches: int = 16
     router_lr_mult: float = 10.0
-    rate_weight: float | None = 30.0  # method.rate_weight of the fine-tunes whose method has one (None: the preset's)
+    # method.rate_weight of the fine-tunes whose method has one: a number, "per-block" (PER_BLOCK_WEIGHT x the
+    # model's blocks) or None (each preset's own)
+    rate_weight: float | str | None = "per-block"
     cluster: str | None = None
 
 
 def run_key(method: str, target: float | None) -> str:
     return "static" if target is None else f"{method}-t{target:g}"
+
+
+PER_BLOCK_WEIGHT = 2.0  # the CIFAR scripts' λ, given to every block: the rate loss averages over the L blocks
+
+
+def study_rate_weight(spec_weight: float | str | None, model_cfg: Any) -> float | None:
+    """The ``method.rate_weight`` of the study's gated fine-tunes (None: keep each method's preset)."""
+    from ..methods.base import num_blocks_of
+
+    if spec_weight == "per-block":
+        return PER_BLOCK_WEIGHT * num_blocks_of(model_cfg)
+    return None if spec_weight is None else float(spec_weight)
 
 
 def is_method_key(override: str) -> bool:
@@ -88,13 +102,14 @@ def plan_runs(spec: StudySpec, cfg: Any, method_keys: Mapping[str, Collection[st
             *([f"trainer.epochs={spec.static_epochs}"] if spec.static_epochs else [])], static_dir))
     lr = spec.finetune_lr if spec.finetune_lr is not None else 0.1 * float(cfg.optim.lr)
     user_weight = any(o.split("=", 1)[0].lstrip("+~") == "method.rate_weight" for o in user)
+    rate_weight = study_rate_weight(spec.rate_weight, cfg.model)
     milestones = ([f"optim.milestones=[{','.join(str(int(e)) for e in spec.finetune_milestones)}]"]
                   if spec.finetune_milestones is not None else [])
     for m in spec.methods:
         keys = None if method_keys is None else method_keys[m]
         own = [o for o in user if keys is None or applies_to(o, keys)]
-        weight = ([f"method.rate_weight={spec.rate_weight:g}"]
-                  if (keys is None or "rate_weight" in keys) and spec.rate_weight is not None and not user_weight
+        weight = ([f"method.rate_weight={rate_weight:g}"]
+                  if (keys is None or "rate_weight" in keys) and rate_weight is not None and not user_weight
                   else [])
         for t in spec.targets:
             key = run_key(m, t)
