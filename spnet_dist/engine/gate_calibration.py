@@ -7,9 +7,8 @@ execute ≈ all (t > 0.5) or ≈ none (t < 0.5) at evaluation, whatever their tr
 (1 − t) quantile of the margins, found block by block in network order (a shift changes what later routers see),
 averaged over ranks, and applied only in eval mode: training, its losses and the papers' objective are unchanged.
 The calibration images are a seeded sample of training images under the *evaluation* transform
-(``eval.gate_calibration_transform: eval``, the default): routers see augmented crops in training, and margins fitted
-on those missed the target on a small real set (lfw_subset, AIG t = 0.3: 0.205 on validation images; README
-"Cost–accuracy study"). ``train`` keeps the augmented batches.
+(``eval.gate_calibration_transform: eval``, the default), i.e. the images as evaluation sees them; ``train`` uses
+augmented batches instead. Routers that give most images one margin are handled in ``calibrate_gates``.
 Measured on a small real image set (issue note of the cost–accuracy study): eval rates within about ±0.05 of
 t = 0.3 / 0.5 / 0.7 where uncalibrated argmax gave 0.15 / 0.96 / 0.96. The offsets are this hook's state (saved in
 every checkpoint, restored on resume, applied by ``spnet eval``).

@@ -168,8 +168,8 @@ def study(spec: StudySpec) -> dict[str, Any]:
     if (profile or cluster_items) and not spec.cluster:
         raise ConfigError(f"{[*([f'cluster={profile}'] if profile else []), *cluster_items]} configure SLURM jobs: "
                           f"add --cluster <profile> to run the study as jobs, or drop them to run it here")
-    cfg = compose([o for o in train_overrides if not is_method_key(o)])
     common = [o for o in train_overrides if not is_method_key(o)]
+    cfg = compose(common)
     method_keys = {m: set(compose([*common, f"method={m}"]).method) for m in spec.methods}
     for o in (o for o in train_overrides if is_method_key(o)):
         missing = [m for m in spec.methods if not applies_to(o, method_keys[m])]
