@@ -124,3 +124,40 @@ def test_calibration_pass_sees_a_seeded_sample_of_training_images_as_evaluation_
     augmented = [images(5), images(5)]  # two augmented passes of the same seed agree, and differ from evaluation
     assert torch.equal(*augmented) and augmented[0].shape[0] == 64
     assert not any(torch.equal(first[i], a) for i in range(16) for a in augmented[0])
+
+
+def test_heldout_calibration_images_are_kept_out_of_training_whatever_the_seed(tiny_data):
+    import pytest
+
+    from spnet_dist.config.compose import compose
+    from spnet_dist.data.heldout import calibration_heldout
+    from spnet_dist.data.loader import build_loader
+    from spnet_dist.data.preflight import plan_data
+    from spnet_dist.engine.trainer import build_loaders, fresh_train_pass
+
+    from conftest import TINY_CLASSES
+
+    def config(*extra: str):
+        return compose([f"data.root={tiny_data}", f"model.num_classes={TINY_CLASSES}", "trainer.batch_size=8",
+                        "data.image_size=32", "data.val_resize=36", "eval.gate_calibration_heldout=0.25", *extra])
+
+    cfg = config()
+    plan = plan_data(cfg, world=1)
+    held = calibration_heldout(cfg, plan.train.files)
+    assert len(held) == round(0.25 * len(plan.train.files)) and held == calibration_heldout(config("seed=3"),
+                                                                                            plan.train.files)
+    _, _, train_files = build_loaders(cfg, SimpleNamespace(train_exclusions=lambda files: []), plan)
+    assert not set(train_files) & set(held) and set(train_files) | set(held) == set(plan.train.files)
+
+    loader = fresh_train_pass(cfg, plan, train_files)(5, eval_transform=True, limit=1000, heldout=True)
+    direct = build_loader(cfg, plan, train=False, shard_id=0, num_shards=1, files=held, split="train")
+    try:
+        seen = torch.cat([x.float() for x, _ in loader]).flatten(1).sum(1).sort().values
+        expected = torch.cat([x.float() for x, _ in direct]).flatten(1).sum(1).sort().values
+    finally:
+        for ld in (loader, direct):
+            getattr(ld, "release", lambda: None)()
+    assert torch.equal(seen, expected)  # the calibration pass is the held-out images, as evaluation sees them
+
+    with pytest.raises(ValueError, match="holds out no image"):
+        calibration_heldout(config("eval.gate_calibration_heldout=0.001"), plan.train.files)

@@ -176,3 +176,20 @@ def test_checkpoint_layout_names_match_the_engine():
     from spnet_dist.engine import checkpoint, eval_checkpoint
 
     assert (MODEL_FILE, LATEST, CLIENT_KEY) == (eval_checkpoint.MODEL_FILE, checkpoint.LATEST, checkpoint.CLIENT_KEY)
+
+
+def test_an_older_checkpoint_config_takes_todays_data_and_eval_overrides():
+    """A checkpoint written before a ``data.*`` / ``eval.*`` key existed: ``spnet eval`` and ``spnet study --static``
+    add the key at its default (keeping the checkpoint's own values), so an override of it applies."""
+    from omegaconf import OmegaConf
+
+    from spnet_dist.config.compose import compose, to_container
+    from spnet_dist.engine.eval_checkpoint import with_new_run_keys
+
+    saved = to_container(compose(["eval.execution=skip"]))
+    del saved["eval"]["gate_calibration_heldout"], saved["data"]["val_resize"]
+    cfg = with_new_run_keys(OmegaConf.create(saved))
+    OmegaConf.set_struct(cfg, True)
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["eval.gate_calibration_heldout=0.1"]))
+    assert cfg.eval.gate_calibration_heldout == 0.1 and cfg.eval.execution == "skip"
+    assert cfg.data.val_resize == compose([]).data.val_resize

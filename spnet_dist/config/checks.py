@@ -33,6 +33,7 @@ RUN_RANGES: dict[str, Range] = {
     "checkpoint.every_steps": (0, None, True), "checkpoint.keep_last": (1, None, True),
     "eval.every_epochs": (1, None, True), "eval.precise_bn_batches": (0, None, True),
     "eval.gate_calibration_batches": (0, None, True),
+    "eval.gate_calibration_heldout": (0, None, True),
     "optim.grad_clamp": (0, None, False), "optim.lr_reference_batch": (1, None, True),
     "optim.recipe_global_batch": (1, None, True),
 }

@@ -41,6 +41,19 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
                          f"or from another program — pick another tag in its checkpoint.dir") from None
 
 
+def with_new_run_keys(cfg: Any) -> Any:
+    """A checkpoint's config with the ``data.*`` / ``eval.*`` keys added since it was written, at their defaults
+    (so that today's overrides of them apply to an older checkpoint)."""
+    from ..config.compose import compose
+
+    defaults = compose([])
+    for section in ("data", "eval"):
+        missing = {k: v for k, v in defaults[section].items() if k not in cfg.get(section, {})}
+        if missing:
+            cfg = OmegaConf.merge(cfg, {section: missing})
+    return cfg
+
+
 def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     from ..data.loader import build_loader
     from ..data.preflight import plan_data
@@ -53,7 +66,7 @@ def eval_checkpoint(overrides: Sequence[str]) -> dict[str, Any]:
     if not paths:
         raise ValueError("spnet eval needs checkpoint=<path to a checkpoint tag folder>")
     state = load_checkpoint_file(paths[0])
-    cfg = OmegaConf.create(state[CLIENT_KEY]["config"])
+    cfg = with_new_run_keys(OmegaConf.create(state[CLIENT_KEY]["config"]))
     OmegaConf.set_struct(cfg, True)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
     model, method_cfg = build_from_config(cfg.model, cfg.method, pretrained=False)  # weights: the checkpoint's

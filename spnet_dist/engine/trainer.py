@@ -101,11 +101,13 @@ def restore(cfg: Any, method: Any, found: tuple[Path, str], client: dict[str, An
 
 def build_loaders(cfg: Any, method: Any, plan: Any, state: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """This rank's training loader (restored to the loader ``state`` when given; without the method's held-out
-    images), validation loader, and the training file list, all read from ``plan`` (the start's ``DataPlan``)."""
+    images and the gate calibration's), validation loader, and the training file list, all read from ``plan`` (the
+    start's ``DataPlan``)."""
+    from ..data.heldout import calibration_heldout
     from ..data.loader import build_loader
 
     rank, world = D.rank(), D.world_size()
-    held_out = set(method.train_exclusions(plan.train.files))
+    held_out = set(method.train_exclusions(plan.train.files)) | set(calibration_heldout(cfg, plan.train.files))
     files = [f for f in plan.train.files if f not in held_out] if held_out else None
     train_loader = build_loader(cfg, plan, train=True, shard_id=rank, num_shards=world, state=state, files=files)
     if len(train_loader) == 0:
@@ -115,20 +117,24 @@ def build_loaders(cfg: Any, method: Any, plan: Any, state: dict[str, Any] | None
 
 
 def fresh_train_pass(cfg: Any, plan: Any, files: Any) -> Any:
-    """``(seed, eval_transform=False, limit=None) -> loader``: a new pass over this rank's training files (PreciseBN,
-    gate calibration), independent of the training loader's position. ``eval_transform``: the evaluation transform
-    on a seeded random sample of ``limit`` training files (all of them without a limit), in that sample's order."""
+    """``(seed, eval_transform=False, limit=None, heldout=False) -> loader``: a new pass over this rank's training
+    files (PreciseBN, gate calibration), independent of the training loader's position. ``eval_transform``: the
+    evaluation transform on a seeded random sample of ``limit`` training files (all of them without a limit), in
+    that sample's order; ``heldout``: a pass over the files ``eval.gate_calibration_heldout`` kept out of training
+    instead."""
     import random
 
     from omegaconf import OmegaConf
 
+    from ..data.heldout import calibration_heldout
     from ..data.loader import build_loader
 
-    def make(seed: int, eval_transform: bool = False, limit: int | None = None) -> Any:
+    def make(seed: int, eval_transform: bool = False, limit: int | None = None, heldout: bool = False) -> Any:
         seeded = OmegaConf.merge(cfg, {"seed": int(seed)})
+        pool = calibration_heldout(cfg, plan.train.files) if heldout else files
         if not eval_transform:
-            return build_loader(seeded, plan, train=True, shard_id=D.rank(), num_shards=D.world_size(), files=files)
-        pool = list(plan.train.files if files is None else files)
+            return build_loader(seeded, plan, train=True, shard_id=D.rank(), num_shards=D.world_size(), files=pool)
+        pool = list(plan.train.files if pool is None else pool)
         sample = random.Random(seed).sample(pool, min(limit or len(pool), len(pool)))
         return build_loader(seeded, plan, train=False, shard_id=D.rank(), num_shards=D.world_size(), files=sample,
                             split="train")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spnet_dist import distributed as D
+from spnet_dist.data.heldout import heldout_indices, heldout_size
 
 from .base import Method, cfg_get, register_method, unwrap_model
 from .losses import boosted_ce
@@ -42,23 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from spnet_dist.models.output import ModelOutput
 
 __all__ = ["BoostNet", "heldout_indices", "heldout_size"]
-
-
-# ---------------------------------------------------------------------------------------------- held-out split
-def heldout_size(spec: float | int, n_train: int) -> int:
-    """``spec`` < 1: a fraction of the training set; ≥ 1: a count. Must leave at least one training image."""
-    k = round(float(spec) * n_train) if float(spec) < 1 else int(spec)
-    if k < 0 or k >= n_train:
-        raise ValueError(f"held-out split of {k} images from {n_train} training images is impossible; set "
-                         "method.heldout to a fraction < 1 or a smaller count")
-    return k
-
-
-def heldout_indices(n_train: int, size: int, seed: int) -> Tensor:
-    """The last ``size`` entries of a seeded permutation of range(n_train), sorted (long tensor)."""
-    g = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(n_train, generator=g)
-    return perm[n_train - size:].sort().values if size else torch.zeros(0, dtype=torch.long)
 
 
 def _gather_cat(t: Tensor, dim: int) -> Tensor:
