@@ -10,7 +10,8 @@ The calibration images are a seeded sample of training images under the *evaluat
 (``eval.gate_calibration_transform: eval``, the default), i.e. the images as evaluation sees them; ``train`` uses
 augmented batches instead. ``eval.gate_calibration_heldout`` (a fraction or count, 0 by default) calibrates on
 training images kept out of training instead: routers skip memorised images more readily than unseen ones, so on a
-small training set the rate on unseen images runs above the target (measured in the README's study section). Routers that give most images one margin are handled in ``calibrate_gates``.
+small training set the rate on unseen images runs above the target (measured in the README's study section).
+Routers that give most images one margin are handled in ``calibrate_gates``.
 Measured on a small real image set (issue note of the cost–accuracy study): eval rates within about ±0.05 of
 t = 0.3 / 0.5 / 0.7 where uncalibrated argmax gave 0.15 / 0.96 / 0.96. The offsets are this hook's state (saved in
 every checkpoint, restored on resume, applied by ``spnet eval``).
