@@ -37,8 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _rate_weight(text: str) -> float | str | None:
-    if text in ("preset", "per-block"):
-        return None if text == "preset" else text
+    if text == "preset":
+        return None
+    if text == "per-block":
+        return text
     try:
         value = float(text)
     except ValueError:

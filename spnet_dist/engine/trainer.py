@@ -129,9 +129,11 @@ def fresh_train_pass(cfg: Any, plan: Any, files: Any) -> Any:
     from ..data.heldout import calibration_heldout
     from ..data.loader import build_loader
 
+    held = calibration_heldout(cfg, plan.train.files)  # once: calibration asks for a pass per gated block
+
     def make(seed: int, eval_transform: bool = False, limit: int | None = None, heldout: bool = False) -> Any:
         seeded = OmegaConf.merge(cfg, {"seed": int(seed)})
-        pool = calibration_heldout(cfg, plan.train.files) if heldout else files
+        pool = held if heldout else files
         if not eval_transform:
             return build_loader(seeded, plan, train=True, shard_id=D.rank(), num_shards=D.world_size(), files=pool)
         pool = list(plan.train.files if pool is None else pool)
